@@ -1,0 +1,127 @@
+"""The ``reducedmpl`` command line: one thin function per command.
+
+Known problems (:class:`UserError`) print one line on stderr and exit with code 2; ``--debug`` (or
+``REDUCEDMPL_DEBUG=1``) shows the traceback instead.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import UserError
+
+app = typer.Typer(
+    name="reducedmpl", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    help="Low-memory Meta Pseudo Labels distillation for timm image classifiers.")
+out_console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": os.environ.get("REDUCEDMPL_DEBUG") == "1"}
+
+# Shared options
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Pipeline YAML file with the settings.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option(
+    "--set", help="Override a setting: --set section.key=value (repeatable).")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder of this stage.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a run already in --out.")]
+DataOpt = Annotated[Optional[str], typer.Option(
+    "--data", help="Data source: digits, mnist:DIR, cifar10:DIR, cifar100:DIR, folder:DIR, npz:FILE.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed of the run.")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+def fail(message: str, code: int = 2) -> None:
+    err_console.print(f"error: {message}", style="red", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(fn):
+    """Turn :class:`UserError` into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            if _state["debug"]:
+                raise
+            fail(str(e))
+        except KeyboardInterrupt:
+            err_console.print("interrupted: the last checkpoint is kept; continue with --resume")
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"reducedmpl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+) -> None:
+    """Train a large teacher, precompute its targets, distill a small student with a reduced teacher."""
+    if debug:
+        _state["debug"] = True
+
+
+@app.command("train-large")
+@handle_errors
+def train_large(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    data: DataOpt = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="timm model name.")] = None,
+    init: Annotated[Optional[str], typer.Option(
+        "--init", help="'scratch' or 'checkpoint:PATH' (.pt, .pth, .safetensors).")] = None,
+    reset_head: Annotated[Optional[bool], typer.Option(
+        "--reset-head", help="Allow a checkpoint whose classifier has another class count.")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Epochs; 0 only loads and evaluates.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr")] = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    out: OutOpt = Path("runs/large"),
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a large timm teacher on the labeled data (or load one) and write OUT/teacher.pt."""
+    from .config import stage_config
+    from .stages import train_large as stage
+
+    flags = {"data.source": data, "model": model, "init": init, "reset_head": reset_head, "epochs": epochs,
+             "batch_size": batch_size, "optim.lr": lr, "seed": seed, "device": device}
+    cfg = stage_config("train_large", config, set_ or (), flags)
+    result = stage.run(cfg, out, resume=resume, overwrite=overwrite, console=err_console, quiet=quiet)
+    out_console.print(f"teacher {cfg.model}: val acc {_pct(result.get('val_acc'))}, "
+                      f"test acc {_pct(result.get('test_acc'))} -> {out / stage.ARTIFACT}")
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def run() -> None:
+    """Entry point of the ``reducedmpl`` script."""
+    try:
+        app()
+    except BrokenPipeError:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run()

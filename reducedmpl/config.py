@@ -1,0 +1,296 @@
+"""Typed configuration for every stage.
+
+A pipeline file (YAML, loaded with ``yaml.safe_load``) has one section per stage plus a shared ``data``
+section::
+
+    name: digits
+    data: {source: digits, labeled_per_class: 10}
+    train_large: {model: resnet18, epochs: 30}
+    precompute: {dtype: float16}
+    distill: {student: test_resnet, steps: 1000}
+    compare: {...}
+
+Each stage command builds its dataclass from the file (if given), then ``--set key=value`` overrides, then
+explicit command-line flags. Unknown keys and wrong types are errors that name the nearest valid key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+
+# --------------------------------------------------------------------------------------------------- sections
+@dataclass
+class DataConfig:
+    """Which data, how it is split, and how it is augmented."""
+
+    source: str = "digits"
+    split_seed: int = 0
+    val_size: float = 0.1  # a fraction of the pool (< 1) or a count of examples (>= 1)
+    test_size: float = 0.2
+    use_official_test: bool = False  # take the source's own test split (mnist t10k, cifar test batch, folder val/)
+    labeled_per_class: int | None = None  # labeled examples per class within train; the rest is unlabeled
+    labeled_fraction: float | None = None  # or a fraction of train; neither: all of train is labeled
+    input_size: int | None = None  # square side the images are resized to; None keeps the source's size
+    crop_padding: int = 2  # random-crop augmentation padding, in pixels at input_size (0 disables)
+    hflip: bool = False
+    randaugment: str | None = None  # e.g. "rand-m9-n2" (magnitude 9, 2 ops)
+    num_workers: int = 0  # DataLoader workers for image folders
+
+    def validate(self) -> None:
+        _check(self.val_size >= 0, "data.val_size must be >= 0")
+        _check(self.test_size >= 0, "data.test_size must be >= 0")
+        _check(not (self.labeled_per_class is not None and self.labeled_fraction is not None),
+               "set only one of data.labeled_per_class and data.labeled_fraction")
+        _check(self.labeled_per_class is None or self.labeled_per_class >= 1, "data.labeled_per_class must be >= 1")
+        _check(self.labeled_fraction is None or 0 < self.labeled_fraction <= 1,
+               "data.labeled_fraction must be in (0, 1]")
+        _check(self.input_size is None or self.input_size >= 4, "data.input_size must be >= 4")
+        _check(self.crop_padding >= 0, "data.crop_padding must be >= 0")
+        _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+        if self.randaugment is not None:
+            parse_randaugment(self.randaugment)
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and schedule, passed to timm's factories."""
+
+    opt: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    sched: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: float = 0.0  # in epochs for train-large, in steps' share (0..1) of training for distill
+    min_lr: float = 0.0
+
+    def validate(self, prefix: str) -> None:
+        _check(self.lr > 0, f"{prefix}.lr must be > 0 (got {self.lr})")
+        _check(self.weight_decay >= 0, f"{prefix}.weight_decay must be >= 0")
+        _check(0 <= self.momentum < 1, f"{prefix}.momentum must be in [0, 1)")
+        _check(self.warmup_epochs >= 0, f"{prefix}.warmup_epochs must be >= 0")
+        _check(0 <= self.min_lr <= self.lr, f"{prefix}.min_lr must be in [0, lr]")
+
+
+@dataclass
+class TrainLargeConfig:
+    """``reducedmpl train-large``: train (or load) the large teacher on the labeled split."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: str = "resnet18"
+    init: str = "scratch"  # "scratch" or "checkpoint:PATH" (.pt, .pth, .safetensors)
+    reset_head: bool = False  # allow a checkpoint whose classifier has another number of classes
+    epochs: int = 30
+    batch_size: int = 64
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    label_smoothing: float = 0.1
+    drop_rate: float = 0.0
+    ema: bool = False
+    ema_decay: float = 0.998
+    clip_grad: float | None = None
+    select: Literal["last", "best"] = "last"  # which weights become teacher.pt (best: by validation accuracy)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    channels_last: bool = True  # on CUDA
+    compile: bool = False  # torch.compile the model
+
+    def validate(self) -> None:
+        self.data.validate()
+        self.optim.validate("train_large.optim")
+        _check(self.epochs >= 0, "train_large.epochs must be >= 0")
+        _check(self.batch_size >= 1, "train_large.batch_size must be >= 1")
+        _check(0 <= self.label_smoothing < 1, "train_large.label_smoothing must be in [0, 1)")
+        _check(0 <= self.drop_rate < 1, "train_large.drop_rate must be in [0, 1)")
+        _check(0 < self.ema_decay < 1, "train_large.ema_decay must be in (0, 1)")
+        _check(self.clip_grad is None or self.clip_grad > 0, "train_large.clip_grad must be > 0")
+        _check(self.init == "scratch" or self.init.startswith("checkpoint:"),
+               f"train_large.init must be 'scratch' or 'checkpoint:PATH' (got {self.init!r})")
+        _check_device(self.device)
+
+
+SECTIONS: dict[str, type] = {"train_large": TrainLargeConfig}
+
+
+# ------------------------------------------------------------------------------------------------ conversion
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message, "fix the value in the config file or the --set override")
+
+
+def _check_device(device: str) -> None:
+    ok = device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())
+    _check(ok, f"device must be auto, cpu, cuda or cuda:N (got {device!r})")
+
+
+def parse_randaugment(spec: str) -> tuple[int, int]:
+    """``rand-m9-n2`` -> (magnitude 9, 2 ops)."""
+    parts = spec.split("-")
+    values = {p[0]: p[1:] for p in parts[1:] if p}
+    try:
+        if parts[0] != "rand":
+            raise ValueError
+        return int(values.get("m", 9)), int(values.get("n", 2))
+    except (ValueError, IndexError):
+        raise ConfigError(f"data.randaugment {spec!r} is not understood", "write it like 'rand-m9-n2'") from None
+
+
+def _nearest(key: str, valid: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(sorted(valid))}"
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (ints are accepted as floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where} must be one of {', '.join(map(str, choices))} (got {value!r})",
+                              "use one of the listed values")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list (got {value!r})", "write it as [a, b, ...]")
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping (got {value!r})", "write it as {key: value}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping (got {value!r})", "write it as a YAML section")
+        return from_dict(tp, value, where)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (type(value) is tp):
+        return value
+    raise ConfigError(f"{where} must be of type {_type_name(tp)} (got {value!r})", "fix its value")
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key {path!r}", _nearest(str(key), names))
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b=3`` -> (["a", "b"], 3); the value is parsed as YAML (so 3 is an int, true a bool, null None)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r} is not of the form key=value", "write it like --set train_large.epochs=3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: typing.Sequence[str], section: str | None = None) -> dict:
+    """Apply ``--set`` overrides to a nested dict. For a stage, keys may omit the section's own name."""
+    for item in overrides:
+        keys, value = parse_override(item)
+        if section is not None and keys[0] == section:
+            keys = keys[1:]
+        if not keys:
+            raise ConfigError(f"--set {item!r} names a whole section", "set one key, e.g. --set train_large.epochs=3")
+        node = data
+        for k in keys[:-1]:
+            nxt = node.setdefault(k, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: {k!r} is not a section", "set a key inside a section")
+            node = nxt
+        node[keys[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist", "check the path")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}", "fix the YAML syntax") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path} ({e.__class__.__name__})", "check the file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections", "see pipelines/digits.yaml")
+    return data
+
+
+PIPELINE_KEYS = {"name", "data", "compare"}
+
+
+def stage_config(section: str, file: str | Path | None = None, overrides: typing.Sequence[str] = (),
+                 flags: dict | None = None) -> Any:
+    """Resolve one stage's config: defaults < pipeline file < ``--set`` < explicit flags."""
+    cls = SECTIONS[section]
+    raw: dict = {}
+    if file is not None:
+        doc = read_yaml(file)
+        valid = PIPELINE_KEYS | set(SECTIONS)
+        for key in doc:
+            if key not in valid:
+                raise ConfigError(f"unknown section {key!r} in {file}", _nearest(str(key), valid))
+        raw = dict(doc.get(section) or {})
+        if not isinstance(raw, dict):
+            raise ConfigError(f"section {section!r} in {file} must be a mapping", "write it as a YAML section")
+        if "data" in doc and "data" in {f.name for f in dataclasses.fields(cls)}:
+            raw["data"] = {**(doc["data"] or {}), **(raw.get("data") or {})}
+    apply_overrides(raw, overrides, section)
+    for key, value in (flags or {}).items():
+        if value is None:
+            continue
+        node = raw
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    cfg = from_dict(cls, raw, section)
+    cfg.validate()
+    return cfg

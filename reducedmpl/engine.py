@@ -1,0 +1,238 @@
+"""What every stage shares: device, seeding, RNG state, metrics, evaluation, run folders, progress."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from .errors import ConfigError, UserError
+
+
+# ------------------------------------------------------------------------------------------------ device
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked, but CUDA is not available here", "use --device cpu or auto")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bfloat16/float16 autocast on CUDA when enabled; a no-op context elsewhere."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def grad_scaler(device: torch.device, enabled: bool) -> torch.amp.GradScaler:
+    return torch.amp.GradScaler("cuda", enabled=enabled and device.type == "cuda")
+
+
+def prepare_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    model = model.to(device)
+    if channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def to_device(x: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    if channels_last and device.type == "cuda" and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+# ------------------------------------------------------------------------------------------------ seeding
+def seed_everything(seed: int, rank: int = 0) -> None:
+    s = seed + rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return _plain(state)
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np.asarray(np_state[1], dtype=np.uint32), *np_state[2:]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _plain(obj: Any) -> Any:
+    """Convert RNG states to types that ``torch.load(weights_only=True)`` accepts."""
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.astype(np.int64))
+    if isinstance(obj, (tuple, list)):
+        return [_plain(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+# ------------------------------------------------------------------------------------------------ run folders
+def prepare_out_dir(out: str | Path, artifact: str, resume: bool, overwrite: bool) -> Path:
+    """Make ``out`` ready for a run, refusing to mix two runs in one folder."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path {out} exists and is not a folder", "choose another --out")
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other", "pass only one of them")
+    holds_run = out.is_dir() and any((out / n).exists() for n in (artifact, "last.pt", "config.yaml"))
+    if holds_run and not (resume or overwrite):
+        raise UserError(f"output folder {out} already holds a run",
+                        "pass --resume to continue it, --overwrite to replace it, or choose another --out")
+    if overwrite and holds_run:
+        for name in (artifact, "last.pt", "best.pt", "config.yaml", "metrics.jsonl"):
+            (out / name).unlink(missing_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to output folder {out} ({e.strerror or e})",
+                        "choose a writable --out or fix its permissions") from None
+    return out
+
+
+def write_config(out: Path, config: dict) -> None:
+    tmp = out / ".config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
+    os.replace(tmp, out / "config.yaml")
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl``; on resume, rows past the checkpoint are dropped first."""
+
+    def __init__(self, path: Path, keep_until: tuple[str, float] | None = None):
+        self.path = path
+        if keep_until is not None and path.exists():
+            key, last = keep_until
+            rows = [r for r in read_jsonl(path) if r.get(key, -math.inf) <= last]
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+            os.replace(tmp, path)
+        elif keep_until is None:
+            path.write_text("")
+
+    def write(self, **row: Any) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, (np.floating, np.integer)):
+        return v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    rows = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a torn last line from a crash
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable, device: torch.device, amp: bool = False,
+             channels_last: bool = False) -> dict[str, float]:
+    """Mean cross-entropy and accuracy of ``model`` over ``batches``; restores the model's mode."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    for x, y, _ in batches:
+        x, y = to_device(x, device, channels_last), y.to(device)
+        with autocast(device, amp):
+            logits = model(x)
+        loss_sum += torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        n += len(y)
+    model.train(was_training)
+    return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1)}
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, batches: Iterable, device: torch.device, amp: bool = False,
+                   channels_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(float32 logits on CPU, labels, ids) per batch, in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        for x, y, ids in batches:
+            with autocast(device, amp):
+                logits = model(to_device(x, device, channels_last))
+            yield logits.float().cpu(), y, ids
+    finally:
+        model.train(was_training)
+
+
+# ------------------------------------------------------------------------------------------------ optim
+def create_optimizer(model_or_params: Any, cfg: Any) -> torch.optim.Optimizer:
+    from timm.optim import create_optimizer_v2
+
+    try:
+        return create_optimizer_v2(model_or_params, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                   momentum=cfg.momentum)
+    except (ValueError, AssertionError, KeyError) as e:
+        raise ConfigError(f"optimizer {cfg.opt!r} is not available ({e})",
+                          "use one of timm's names, e.g. sgd, momentum, adamw, lamb") from None
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_steps: int, warmup_steps: int):
+    """A per-step scheduler from timm's factory (``step_update`` each step)."""
+    from timm.scheduler import create_scheduler_v2
+
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=cfg.sched, num_epochs=max(total_steps, 1), decay_epochs=max(total_steps // 3, 1),
+        warmup_epochs=warmup_steps, warmup_lr=cfg.lr * 0.01 if warmup_steps else 0.0, min_lr=cfg.min_lr,
+        cooldown_epochs=0, step_on_epochs=False, updates_per_epoch=1)
+    return scheduler
+
+
+# ------------------------------------------------------------------------------------------------ progress
+class Throughput:
+    def __init__(self):
+        self.t0, self.n = time.perf_counter(), 0
+
+    def add(self, n: int) -> float:
+        self.n += n
+        return self.n / max(time.perf_counter() - self.t0, 1e-9)
+
+
+def progress(disable: bool = False):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=disable, transient=True)

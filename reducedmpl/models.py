@@ -1,0 +1,177 @@
+"""timm model creation and checkpoint files.
+
+Artifacts (``teacher.pt``, ``student.pt``) are plain dicts of tensors, strings and numbers, so they load with
+``torch.load(path, weights_only=True)`` and with ``timm.create_model(arch, num_classes=..., in_chans=...,
+checkpoint_path=PATH)``: the weights sit under ``state_dict``, which timm finds by itself.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from .errors import ArtifactError, ConfigError
+
+
+def check_model_name(name: str) -> None:
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else "see `timm.list_models()` for the names"
+    raise ConfigError(f"unknown timm model {name!r}", hint)
+
+
+def create_model(name: str, num_classes: int, in_chans: int, input_size: int | None = None, **kwargs: Any) -> nn.Module:
+    """A timm model from scratch (never downloads weights)."""
+    check_model_name(name)
+    try:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
+                                 img_size=input_size, **kwargs)
+    except TypeError:
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+def safe_load(path: str | Path, what: str = "checkpoint") -> Any:
+    """``torch.load(weights_only=True)`` with one-line errors for missing, truncated and hostile files."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{what} {path} does not exist", "check the path")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise ArtifactError(f"{what} {path} holds pickled Python objects, which are never loaded",
+                                "save a plain state dict (tensors, numbers, strings) instead") from None
+        raise ArtifactError(f"{what} {path} is not a readable PyTorch file ({first[:80]})",
+                            "it may be truncated: write it again") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise ArtifactError(f"{what} {path} is corrupt or truncated ({first[:80]})",
+                            "write it again (or restore it)") from None
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights from a ``.pt``/``.pth`` (bare or wrapped state dict) or ``.safetensors`` file."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        if not path.is_file():
+            raise ArtifactError(f"checkpoint {path} does not exist", "check the path")
+        try:
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types
+            raise ArtifactError(f"checkpoint {path} is not a readable safetensors file ({e.__class__.__name__})",
+                                "write it again") from None
+    else:
+        obj = safe_load(path)
+        sd = obj
+        if isinstance(obj, dict):
+            for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
+                if isinstance(obj.get(key), dict):
+                    sd = obj[key]
+                    break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ArtifactError(f"checkpoint {path} holds no state dict of tensors", "pass a timm/PyTorch weights file")
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
+
+
+def load_weights(model: nn.Module, path: str | Path, arch: str, reset_head: bool = False) -> None:
+    """Load weights into ``model``; a classifier of another size only with ``reset_head``."""
+    sd = load_state_dict_file(path)
+    own = model.state_dict()
+    head_keys = {k for k in own if _is_head_key(model, k)}
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    body_missing = [k for k in missing if k not in head_keys]
+    if body_missing or [k for k in unexpected if not _looks_like_head(k)]:
+        example = (body_missing or unexpected)[0]
+        raise ArtifactError(
+            f"checkpoint {path} does not fit model {arch!r} ({len(body_missing)} missing and {len(unexpected)} "
+            f"unexpected keys, e.g. {example!r})", "pass the architecture the checkpoint was trained with")
+    mismatched = [k for k in own if k in sd and sd[k].shape != own[k].shape]
+    body_mismatch = [k for k in mismatched if k not in head_keys]
+    if body_mismatch:
+        k = body_mismatch[0]
+        raise ArtifactError(
+            f"checkpoint {path} does not fit model {arch!r}: {k} has shape {tuple(sd[k].shape)}, the model "
+            f"{tuple(own[k].shape)}", "pass the architecture (and in_chans) the checkpoint was trained with")
+    head_problem = mismatched or [k for k in missing if k in head_keys]
+    if head_problem and not reset_head:
+        k = head_problem[0]
+        shape = tuple(sd[k].shape) if k in sd else "none"
+        raise ArtifactError(
+            f"checkpoint {path} has a classifier for another number of classes ({k}: {shape}, "
+            f"model: {tuple(own[k].shape)})", "pass --reset-head to start a new classifier for this data")
+    keep = {k: v for k, v in sd.items() if k in own and k not in mismatched}
+    if reset_head:
+        keep = {k: v for k, v in keep.items() if k not in head_keys or not head_problem}
+    model.load_state_dict(keep, strict=False)
+
+
+def _is_head_key(model: nn.Module, key: str) -> bool:
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier", "fc")
+    names = classifier if isinstance(classifier, (list, tuple)) else [classifier]
+    return any(key.startswith(n + ".") for n in names)
+
+
+def _looks_like_head(key: str) -> bool:
+    return key.split(".")[0] in ("fc", "head", "classifier", "last_linear") or key.startswith("head.fc.")
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary name in the same folder, fsync, then ``os.replace``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+ARTIFACT_KEYS = ("kind", "state_dict", "arch", "num_classes", "in_chans", "preprocess", "class_names",
+                 "data", "data_fingerprints", "config", "metrics", "tool_version")
+
+
+def load_artifact(path: str | Path, kind: str) -> dict:
+    """Load a ``teacher.pt``/``student.pt`` artifact and check it has what later stages need."""
+    obj = safe_load(path, what=f"{kind} artifact")
+    if not isinstance(obj, dict) or obj.get("kind") != kind:
+        found = obj.get("kind") if isinstance(obj, dict) else type(obj).__name__
+        raise ArtifactError(f"{path} is not a reducedmpl {kind} artifact (found {found!r})",
+                            f"pass the {kind}.pt written by reducedmpl, or use --model/--checkpoint for plain weights")
+    missing = [k for k in ARTIFACT_KEYS if k not in obj]
+    if missing:
+        raise ArtifactError(f"{kind} artifact {path} lacks {', '.join(missing)}", "write it again with this version")
+    return obj
+
+
+def model_from_artifact(art: dict) -> nn.Module:
+    from .data.loading import Preprocess
+
+    prep = Preprocess.from_dict(art["preprocess"])
+    model = create_model(art["arch"], art["num_classes"], art["in_chans"], input_size=prep.input_size)
+    model.load_state_dict(art["state_dict"])
+    return model
