@@ -85,6 +85,10 @@ def main() -> None:
         print(f"wrote both stores in {time.perf_counter() - t0:.1f} s")
         dense_bytes = sum(p.stat().st_size for p in dense_path.parent.iterdir())
         topk_bytes = sum(p.stat().st_size for p in topk_path.parent.iterdir())
+        index_bytes = 2 if args.classes < 32768 else 4
+        print(f"bytes/row of logits table: dense {args.classes * 2}, top-{args.topk} "
+              f"{args.topk * (2 + index_bytes) + 4} "
+              f"(float16 logits, int16 index, float32 logsumexp)")
         print(f"bytes/row on disk: dense {dense_bytes / args.rows:.1f}, top-{args.topk} {topk_bytes / args.rows:.1f}")
 
         cases = [("dense, in memory", dense_path, 2**40), (f"top-{args.topk}, in memory", topk_path, 2**40),

@@ -12,12 +12,14 @@ Per row (schema version 1): ``logits`` (N, C) in dense mode, or ``topk_logits`` 
 and ``split`` (uint8 code into ``SPLIT_NAMES``). Logits are stored raw (not divided by the
 temperature, not converted to probabilities: float16 probabilities underflow); the temperature is
 metadata that the reader applies. ``logsumexp`` is over all C raw logits, so top-k probabilities
-are exact at temperature 1 and the remainder mass ``1 - sum(p_topk)`` is known.
+are exact at temperature 1 and the remainder mass ``1 - sum(p_topk)`` is known. The reader spreads
+that mass evenly over the other C-K classes; at a temperature other than 1 the top-k classes keep
+their exact relative odds but the remainder is approximated (as C-K equal logits).
 
 Storage choices
 ---------------
-* Logits are chunked (chunks of roughly 256 KiB, always within 64 KiB-1 MiB) and **not
-  compressed**: training reads rows in random order, and a compressed chunk must be decompressed
+* Logits are chunked (chunks of roughly 256 KiB, within 64 KiB-1 MiB unless the whole shard is
+  smaller) and **not compressed**: training reads rows in random order, and a compressed chunk must be decompressed
   whole to get one row of it (measured: ~130 rows/s compressed vs 4.7k-12k rows/s uncompressed);
   float logits also compress poorly.
 * ``id``/``label``/``split`` are small, read whole once at open, and compress well, so they use
@@ -28,16 +30,17 @@ Storage choices
 
 Reading
 -------
-Random single-row reads from HDF5 are slow, so :class:`TargetStore` never does them. If the table
-fits ``memory_budget_bytes`` it is loaded once and batches are gathered by fancy indexing
+Reading rows one at a time in random order is slow, so :class:`TargetStore` never does it. If the
+table fits ``memory_budget_bytes`` it is loaded once and batches are gathered by fancy indexing
 (``in_memory=True``; top-k makes ImageNet-scale tables ~50 MB). Otherwise (out-of-core) the rows a
 batch needs are sorted and de-duplicated, rows separated by a small gap are merged into contiguous
 blocks, each block is fetched with one slice read, and the result is un-sorted to the caller's
-order. The file is opened with HDF5's chunk cache disabled (``rdcc_nbytes=0``, which also applies
+order (for random ids over a large table most blocks are single rows, but they are read in file
+order and never twice). The file is opened with HDF5's chunk cache disabled (``rdcc_nbytes=0``, which also applies
 to the shards behind the virtual datasets): uncompressed chunks are then read only where selected
 instead of whole into the cache. Measured on a 2-core machine with a page-cached 200k x 1000
-float16 table, random 256-row batches ran at ~130k rows/s this way versus ~15k rows/s with the
-default cache and ~7k rows/s with a single union-of-hyperslabs read per batch.
+float16 table, reading random 256-row batches ran at ~90k-130k rows/s this way, versus ~15k-20k
+rows/s with the default cache and ~7k rows/s with one union-of-hyperslabs read per batch.
 """
 from __future__ import annotations
 
@@ -66,7 +69,6 @@ TOPK_FIELDS = ("topk_logits", "topk_index", "logsumexp")
 
 _LIBVER = ("v110", "latest")  # VDS and large (dense-stored) attributes need the 1.10 format
 _CHUNK_TARGET = 256 * 1024
-_CHUNK_MIN = 64 * 1024
 _CHUNK_MAX = 1024 * 1024
 _COLUMN_CHUNK_ROWS = 65536
 _MERGE_GAP_BYTES = 32 * 1024  # rows closer than this are read as one block
@@ -571,8 +573,12 @@ class TargetStore:
             for name in self._fields:
                 ds = datasets[name]
                 arr = np.empty(ds.shape, dtype=ds.dtype)
-                if arr.size:
-                    ds.read_direct(arr)
+                try:
+                    if arr.size:
+                        ds.read_direct(arr)
+                except OSError as exc:
+                    raise ArtifactError(f"reading '{name}' from targets store {path} failed ({exc})",
+                                        _REGENERATE) from exc
                 self._table[name] = arr
 
     def _columns_nbytes(self) -> int:
@@ -605,7 +611,10 @@ class TargetStore:
         if "schema_version" not in attrs:
             raise ArtifactError(f"{path} is not a reducedmpl targets store (no schema_version attribute)",
                                 _REGENERATE)
-        version = int(attrs["schema_version"])
+        try:
+            version = int(attrs["schema_version"])
+        except (TypeError, ValueError):
+            version = -1
         if version not in SUPPORTED_SCHEMA_VERSIONS:
             raise ArtifactError(f"targets store {path} has schema version {version}; this reducedmpl reads "
                                 f"version(s) {', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))}",
@@ -633,16 +642,18 @@ class TargetStore:
         datasets: dict[str, h5py.Dataset] = {}
         shards: set[Path] = set()
         for name in ROW_FIELDS + _table_fields(meta):
-            if name not in f:
+            obj = f.get(name)
+            if not isinstance(obj, h5py.Dataset):
                 raise ArtifactError(f"targets store {path} lacks dataset '{name}'", _REGENERATE)
-            datasets[name] = f[name]
+            datasets[name] = obj
             shards |= _check_virtual_sources(datasets[name], path, folder)
         for shard in sorted(shards):
             _check_shard(shard, path, meta)
         num_rows = datasets["id"].shape[0] if datasets["id"].ndim == 1 else -1
         for name, ds in datasets.items():
             shape, dtype = specs[name]
-            if ds.shape != (num_rows,) + shape[1:] or ds.dtype.kind != dtype.kind:
+            exact = name in ("logits", "topk_logits")  # must match the recorded dtype
+            if ds.shape != (num_rows,) + shape[1:] or (ds.dtype != dtype if exact else ds.dtype.kind != dtype.kind):
                 raise ArtifactError(f"targets store {path}: dataset '{name}' has shape {ds.shape} and dtype "
                                     f"{ds.dtype}, expected {(num_rows,) + shape[1:]} {dtype}", _REGENERATE)
         try:

@@ -88,6 +88,8 @@ def run(cfg: TrainLargeConfig, out: str | Path, *, resume: bool = False, overwri
     last_path = out / "last.pt"
     state = None
     if resume:
+        if not (out / "config.yaml").exists():
+            raise UserError(f"there is no run to resume in {out}", "drop --resume to start a new run there")
         if (out / ARTIFACT).exists() and not last_path.exists():
             raise UserError(f"{out} holds a finished run", "pass --overwrite to train again")
         if last_path.exists():
