@@ -20,8 +20,8 @@ from .errors import UserError
 app = typer.Typer(
     name="reducedmpl", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Low-memory Meta Pseudo Labels distillation for timm image classifiers.")
-out_console = Console()
-err_console = Console(stderr=True)
+out_console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 _state = {"debug": os.environ.get("REDUCEDMPL_DEBUG") == "1"}
 
 # Shared options
@@ -108,6 +108,38 @@ def train_large(
     cfg = stage_config("train_large", config, set_ or (), flags)
     result = stage.run(cfg, out, resume=resume, overwrite=overwrite, console=err_console, quiet=quiet)
     out_console.print(f"teacher {cfg.model}: val acc {_pct(result.get('val_acc'))}, "
+                      f"test acc {_pct(result.get('test_acc'))} -> {out / stage.ARTIFACT}")
+
+
+@app.command("distill")
+@handle_errors
+def distill(
+    targets: Annotated[Path, typer.Option("--targets", "-t", help="targets.h5 written by precompute.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    data: DataOpt = None,
+    student: Annotated[Optional[str], typer.Option("--student", help="timm model name of the student.")] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="reducedmpl, kd or supervised.")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Training steps (before the finetune).")] = None,
+    teacher_grad: Annotated[Optional[str], typer.Option(
+        "--teacher-grad", help="exact (soft pseudo labels) or reinforce (hard, the paper's).")] = None,
+    mpl_weight: Annotated[Optional[float], typer.Option("--mpl-weight", help="Weight of the MPL signal.")] = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    out: OutOpt = Path("runs/distill"),
+    resume: ResumeOpt = False,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Co-train the reduced teacher with the student on stored targets; write OUT/student.pt."""
+    from .config import stage_config
+    from .stages import distill as stage
+
+    flags = {"data.source": data, "student": student, "mode": mode, "steps": steps, "teacher_grad": teacher_grad,
+             "mpl_weight": mpl_weight, "seed": seed, "device": device}
+    cfg = stage_config("distill", config, set_ or (), flags)
+    result = stage.run(cfg, targets, out, resume=resume, overwrite=overwrite, console=err_console, quiet=quiet)
+    out_console.print(f"student {cfg.student} ({cfg.mode}): val acc {_pct(result.get('val_acc'))}, "
                       f"test acc {_pct(result.get('test_acc'))} -> {out / stage.ARTIFACT}")
 
 

@@ -118,7 +118,124 @@ class TrainLargeConfig:
         _check_device(self.device)
 
 
-SECTIONS: dict[str, type] = {"train_large": TrainLargeConfig}
+@dataclass
+class PrecomputeConfig:
+    """``reducedmpl precompute``: run the large teacher once and store its logits in HDF5 shards."""
+
+    data: DataConfig | None = None  # None: the data recorded in the teacher artifact
+    splits: list[str] = field(default_factory=lambda: ["labeled", "unlabeled", "val", "test"])
+    batch_size: int = 256
+    dtype: Literal["float16", "float32"] = "float16"
+    topk: int = 0  # store only the top-k logits (plus log-sum-exp); 0 stores all logits
+    shards: int = 1
+    temperature: float = 1.0  # recorded in the store; the reader divides logits by it
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+
+    def validate(self) -> None:
+        if self.data is not None:
+            self.data.validate()
+        valid = ("labeled", "unlabeled", "val", "test")
+        for name in self.splits:
+            _check(name in valid, f"precompute.splits: unknown split {name!r} (valid: {', '.join(valid)})")
+        _check(len(self.splits) > 0 and len(set(self.splits)) == len(self.splits),
+               "precompute.splits must list each split at most once and not be empty")
+        _check(self.batch_size >= 1, "precompute.batch_size must be >= 1")
+        _check(self.topk >= 0, "precompute.topk must be >= 0")
+        _check(self.shards >= 1, "precompute.shards must be >= 1")
+        _check(self.temperature > 0, "precompute.temperature must be > 0")
+        _check_device(self.device)
+
+
+@dataclass
+class ReducedTeacherConfig:
+    """Shape of the reduced teacher, an MLP on the large teacher's log-distribution."""
+
+    hidden: int = 128
+    depth: int = 2
+    extra_features: bool = False  # add entropy and top-1/top-2 margin of q_L to the inputs
+    learn_temperature: bool = False
+
+    def validate(self) -> None:
+        _check(self.hidden >= 1, "distill.reduced_teacher.hidden must be >= 1")
+        _check(self.depth >= 1, "distill.reduced_teacher.depth must be >= 1")
+
+
+def _student_optim() -> OptimConfig:
+    return OptimConfig(opt="momentum", lr=0.05, weight_decay=5e-4, momentum=0.9, sched="cosine")
+
+
+def _teacher_optim() -> OptimConfig:
+    return OptimConfig(opt="adam", lr=1e-3, weight_decay=0.0, sched="constant")
+
+
+@dataclass
+class DistillConfig:
+    """``reducedmpl distill``: co-train the reduced teacher with the student (or a baseline mode)."""
+
+    data: DataConfig | None = None  # None: the data recorded in the targets store
+    mode: Literal["reducedmpl", "kd", "supervised"] = "reducedmpl"
+    student: str = "test_resnet"
+    steps: int = 1000
+    batch_size: int = 64  # labeled batch
+    unlabeled_batch_size: int = 128
+    student_optim: OptimConfig = field(default_factory=_student_optim)
+    teacher_optim: OptimConfig = field(default_factory=_teacher_optim)
+    reduced_teacher: ReducedTeacherConfig = field(default_factory=ReducedTeacherConfig)
+    teacher_grad: Literal["exact", "reinforce"] = "exact"
+    pseudo_label: Literal["sample", "argmax"] = "sample"  # hard labels of `reinforce`
+    exact_method: Literal["jvp", "fd"] = "jvp"
+    mpl_weight: float = 1.0
+    supervised_weight: float = 1.0
+    kl_weight: float = 0.0  # KL(T || q_L): keeps the reduced teacher near the large teacher's dark knowledge
+    baseline_decay: float | None = 0.9  # moving-average baseline of h (None: none)
+    label_smoothing: float = 0.0  # on the labeled CE terms
+    kd_temperature: float = 1.0
+    kd_label_weight: float = 0.0  # kd mode: weight of label CE on the labeled batch, mixed with KD
+    ema: bool = False
+    ema_decay: float = 0.999
+    finetune_steps: int = 0  # final finetune of the student on labeled data
+    finetune_lr: float = 0.005
+    eval_every: int = 100
+    log_every: int = 10
+    checkpoint_every: int = 100
+    select: Literal["last", "best"] = "last"  # best: by validation accuracy, never test
+    clip_grad: float | None = 5.0
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    memory_budget_mb: int = 2048  # targets held in memory up to this size, else read in sorted blocks
+    probe_size: int = 16  # examples whose reduced-teacher distributions are saved at 0/25/50/75/100 %
+
+    def validate(self) -> None:
+        if self.data is not None:
+            self.data.validate()
+        self.student_optim.validate("distill.student_optim")
+        self.teacher_optim.validate("distill.teacher_optim")
+        self.reduced_teacher.validate()
+        _check(self.steps >= 0, "distill.steps must be >= 0")
+        _check(self.batch_size >= 1 and self.unlabeled_batch_size >= 1, "distill batch sizes must be >= 1")
+        for name in ("mpl_weight", "supervised_weight", "kl_weight", "kd_label_weight", "finetune_steps"):
+            _check(getattr(self, name) >= 0, f"distill.{name} must be >= 0")
+        _check(self.kd_label_weight <= 1, "distill.kd_label_weight must be in [0, 1]")
+        _check(self.kd_temperature > 0, "distill.kd_temperature must be > 0")
+        _check(0 <= self.label_smoothing < 1, "distill.label_smoothing must be in [0, 1)")
+        _check(self.baseline_decay is None or 0 <= self.baseline_decay < 1, "distill.baseline_decay must be in [0, 1)")
+        _check(0 < self.ema_decay < 1, "distill.ema_decay must be in (0, 1)")
+        _check(self.finetune_lr > 0, "distill.finetune_lr must be > 0")
+        for name in ("eval_every", "log_every", "checkpoint_every"):
+            _check(getattr(self, name) >= 1, f"distill.{name} must be >= 1")
+        _check(self.clip_grad is None or self.clip_grad > 0, "distill.clip_grad must be > 0")
+        _check(self.memory_budget_mb >= 1, "distill.memory_budget_mb must be >= 1")
+        _check(self.probe_size >= 0, "distill.probe_size must be >= 0")
+        _check_device(self.device)
+
+
+SECTIONS: dict[str, type] = {"train_large": TrainLargeConfig, "precompute": PrecomputeConfig,
+                             "distill": DistillConfig}
 
 
 # ------------------------------------------------------------------------------------------------ conversion
