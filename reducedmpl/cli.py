@@ -143,6 +143,68 @@ def distill(
                       f"test acc {_pct(result.get('test_acc'))} -> {out / stage.ARTIFACT}")
 
 
+@app.command("precompute")
+@handle_errors
+def precompute(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    teacher: Annotated[Optional[Path], typer.Option(
+        "--teacher", help="teacher.pt written by train-large (its data and splits are the default).")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="timm model name of plain teacher weights (with --checkpoint and --data).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        "--checkpoint", help="Plain teacher weights: .pt, .pth or .safetensors state dict.")] = None,
+    data: DataOpt = None,
+    splits: Annotated[Optional[str], typer.Option(
+        "--splits", help="Comma-separated splits to cover: labeled,unlabeled,val,test.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size")] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float16 or float32 logits.")] = None,
+    topk: Annotated[Optional[int], typer.Option("--topk", help="Store only the top-K logits (0: all).")] = None,
+    shards: Annotated[Optional[int], typer.Option("--shards", help="Number of shard files.")] = None,
+    temperature: Annotated[Optional[float], typer.Option(
+        "--temperature", help="Recorded in the store; readers divide the logits by it.")] = None,
+    device: DeviceOpt = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="The targets.h5 to write (a folder gets targets.h5 inside; default: beside "
+                            "the teacher).")] = None,
+    overwrite: OverwriteOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run the teacher once over the data and store its logits (rerun the same command to finish a killed run)."""
+    from .config import stage_config
+    from .stages import precompute as stage
+
+    source = stage.open_teacher(teacher, model, checkpoint)
+    split_list = [s.strip() for s in splits.split(",") if s.strip()] if splits is not None else None
+    flags = {"data.source": data, "splits": split_list, "batch_size": batch_size, "dtype": dtype, "topk": topk,
+             "shards": shards, "temperature": temperature, "device": device}
+    cfg = stage_config("precompute", config, set_ or (), flags, base=stage.config_base(source))
+    try:
+        result = stage.run(cfg, source, out, overwrite=overwrite, console=err_console, quiet=quiet)
+    except KeyboardInterrupt:
+        err_console.print("interrupted: finished shards are kept; run the same command again to continue")
+        raise typer.Exit(130)
+    out_console.print(stage.summary_line(result), highlight=False, soft_wrap=True)
+
+
+@app.command("inspect")
+@handle_errors
+def inspect(
+    path: Annotated[Path, typer.Argument(help="targets.h5 (or its folder), teacher.pt or student.pt.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Show what an artifact holds and check that it is sound (exit 1 when it is not)."""
+    from . import inspect as insp
+
+    report = insp.inspect_path(path)
+    if as_json:
+        out_console.print_json(data=insp.jsonable(report))
+    else:
+        insp.render(report, out_console)
+    if report["problems"]:
+        raise typer.Exit(1)
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 

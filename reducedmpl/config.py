@@ -174,11 +174,11 @@ def _teacher_optim() -> OptimConfig:
 class DistillConfig:
     """``reducedmpl distill``: co-train the reduced teacher with the student (or a baseline mode)."""
 
-    data: DataConfig | None = None  # None: the data recorded in the targets store
+    data: dict[str, Any] | None = None  # data settings over those recorded in the targets store
     mode: Literal["reducedmpl", "kd", "supervised"] = "reducedmpl"
     student: str = "test_resnet"
     steps: int = 1000
-    batch_size: int = 64  # labeled batch
+    batch_size: int = 32  # labeled batch
     unlabeled_batch_size: int = 128
     student_optim: OptimConfig = field(default_factory=_student_optim)
     teacher_optim: OptimConfig = field(default_factory=_teacher_optim)
@@ -212,7 +212,7 @@ class DistillConfig:
 
     def validate(self) -> None:
         if self.data is not None:
-            self.data.validate()
+            from_dict(DataConfig, self.data, "distill.data")  # names and types; values once merged
         self.student_optim.validate("distill.student_optim")
         self.teacher_optim.validate("distill.teacher_optim")
         self.reduced_teacher.validate()
@@ -383,9 +383,21 @@ def read_yaml(path: str | Path) -> dict:
 PIPELINE_KEYS = {"name", "data", "compare"}
 
 
+def _merged(base: dict, top: dict) -> dict:
+    """``top`` over ``base``: nested mappings merged key by key, other values replaced."""
+    out = dict(base)
+    for key, value in top.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both else value
+    return out
+
+
 def stage_config(section: str, file: str | Path | None = None, overrides: typing.Sequence[str] = (),
-                 flags: dict | None = None) -> Any:
-    """Resolve one stage's config: defaults < pipeline file < ``--set`` < explicit flags."""
+                 flags: dict | None = None, base: dict | None = None) -> Any:
+    """Resolve one stage's config: defaults < ``base`` < pipeline file < ``--set`` < explicit flags.
+
+    ``base`` holds settings recorded in an input artifact (e.g. the teacher's data for precompute).
+    """
     cls = SECTIONS[section]
     raw: dict = {}
     if file is not None:
@@ -399,6 +411,8 @@ def stage_config(section: str, file: str | Path | None = None, overrides: typing
             raise ConfigError(f"section {section!r} in {file} must be a mapping", "write it as a YAML section")
         if "data" in doc and "data" in {f.name for f in dataclasses.fields(cls)}:
             raw["data"] = {**(doc["data"] or {}), **(raw.get("data") or {})}
+    if base:
+        raw = _merged(base, raw)
     apply_overrides(raw, overrides, section)
     for key, value in (flags or {}).items():
         if value is None:

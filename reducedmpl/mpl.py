@@ -418,6 +418,22 @@ def _copy_buffers(buffers: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 @contextlib.contextmanager
+def frozen_norm_stats(model: nn.Module) -> Iterator[None]:
+    """Train-mode BatchNorm layers normalise with batch statistics but neither read nor update their
+    running statistics (nor batch counters) inside the block. Cheaper than :func:`preserved_buffers`
+    (nothing is copied) and safe under autograd (nothing is modified in place)."""
+    norms = [m for m in model.modules()
+             if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+
+
+@contextlib.contextmanager
 def preserved_buffers(model: nn.Module) -> Iterator[None]:
     """Restore every buffer (BatchNorm running stats, counters) on exit.
 

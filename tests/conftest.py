@@ -55,3 +55,11 @@ def tiny_teacher(tmp_path_factory) -> Path:
     cli("train-large", "--data", "digits", "--model", "test_resnet", "--epochs", "2", "--out", out,
         "--set", "data.labeled_per_class=10", "--quiet")
     return out / "teacher.pt"
+
+
+@pytest.fixture(scope="session")
+def tiny_targets(tiny_teacher) -> Path:
+    """targets.h5 of the tiny teacher over all splits (float32, so tests can compare exactly)."""
+    out = tiny_teacher.parent / "targets.h5"
+    cli("precompute", "--teacher", tiny_teacher, "--out", out, "--dtype", "float32")
+    return out

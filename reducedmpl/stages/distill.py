@@ -88,9 +88,10 @@ class Distiller:
             self.ema = ModelEmaV3(self.student, decay=cfg.ema_decay)
         self.baseline = mpl.MovingBaseline(cfg.baseline_decay) if cfg.baseline_decay is not None else None
         pool = np.union1d(rows["labeled"], rows["unlabeled"])
-        self.labeled = BatchStream(Batcher(src, rows["labeled"], prep, cfg.data, batch_size=cfg.batch_size,
+        data_cfg = from_dict(DataConfig, cfg.data, "data")
+        self.labeled = BatchStream(Batcher(src, rows["labeled"], prep, data_cfg, batch_size=cfg.batch_size,
                                            train=True, seed=cfg.seed, drop_last=True))
-        self.unlabeled = BatchStream(Batcher(src, pool, prep, cfg.data,
+        self.unlabeled = BatchStream(Batcher(src, pool, prep, data_cfg,
                                              batch_size=cfg.unlabeled_batch_size, train=True,
                                              seed=cfg.seed + 7919, drop_last=True))
         self.finetune_opt = None
@@ -119,12 +120,10 @@ class Distiller:
         self.opt_t.step()
 
     def _forward_keep_stats(self, x: torch.Tensor) -> torch.Tensor:
-        """The student's train-mode output (batch statistics) on copies of its buffers, so that BatchNorm
-        running statistics are updated only by the real training forward."""
-        params = dict(self.student.named_parameters())
-        buffers = {k: b.clone() for k, b in self.student.named_buffers()}
-        with autocast(self.device, self.use_amp):
-            return torch.func.functional_call(self.student, (params, buffers), (x,)).float()
+        """The student's train-mode output (batch statistics) that leaves the BatchNorm running statistics
+        alone, so that only the real training forward updates them."""
+        with mpl.frozen_norm_stats(self.student), autocast(self.device, self.use_amp):
+            return self.student(x).float()
 
     def _labeled_loss(self, x_l: torch.Tensor, y_l: torch.Tensor) -> tuple[float, float]:
         """CE of the student on the labeled batch and its accuracy; no gradient."""
@@ -273,7 +272,7 @@ class Distiller:
         """J = vᵀ∇θ ℓ(x_u; θ); the finite difference reuses the training forward's output at θ."""
         if self.cfg.exact_method == "jvp":
             return mpl.directional_loss_derivative(self.student, theta, None, x_u, v, method="jvp")
-        norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in v.values()))
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in v.values()])).item()
         if norm == 0.0:
             return torch.zeros_like(logits_u)
         eps = 1e-2 / norm
@@ -333,14 +332,16 @@ class Distiller:
 
 # ---------------------------------------------------------------------------------------------- the stage
 def resolve_data(cfg: DistillConfig, store: TargetStore) -> DataConfig:
-    """The data the store was computed for, unless the config names data itself."""
-    if cfg.data is not None:
-        return cfg.data
+    """The data settings recorded in the store, with the config's ``data`` settings over them."""
     recorded = store.meta.config.get("data") if isinstance(store.meta.config, dict) else None
     if not isinstance(recorded, dict):
-        raise ArtifactError(f"targets store {store.path} does not record its data settings",
-                            "pass --data (and the split settings) explicitly")
-    return from_dict(DataConfig, recorded, "data")
+        if not cfg.data:
+            raise ArtifactError(f"targets store {store.path} does not record its data settings",
+                                "pass --data (and the split settings) explicitly")
+        recorded = {}
+    data_cfg = from_dict(DataConfig, {**recorded, **(cfg.data or {})}, "data")
+    data_cfg.validate()
+    return data_cfg
 
 
 def open_store(path: str | Path, memory_budget_mb: int) -> TargetStore:
@@ -373,8 +374,7 @@ def run(cfg: DistillConfig, targets: str | Path, out: str | Path, *, resume: boo
     store = open_store(targets, cfg.memory_budget_mb)
     try:
         data_cfg = resolve_data(cfg, store)
-        data_cfg.validate()
-        cfg = dataclasses.replace(cfg, data=data_cfg)
+        cfg = dataclasses.replace(cfg, data=to_dict(data_cfg))
         source = load_source(data_cfg.source)
         splits = make_splits(source, data_cfg)
         data = DataSetup(source, splits, default_preprocess(source, splits.indices["labeled"], data_cfg))
@@ -406,10 +406,11 @@ def _run(cfg, data, store, device, out, resume, overwrite, console, quiet) -> di
 
     d = Distiller(cfg, data, store, device)
     rows = data.splits.indices
+    data_cfg = from_dict(DataConfig, cfg.data, "data")
     eval_bs = 256
-    val_b = Batcher(data.source, rows["val"], data.prep, cfg.data, batch_size=eval_bs, train=False,
+    val_b = Batcher(data.source, rows["val"], data.prep, data_cfg, batch_size=eval_bs, train=False,
                     seed=0) if len(rows["val"]) else None
-    lab_b = Batcher(data.source, rows["labeled"], data.prep, cfg.data, batch_size=eval_bs, train=False,
+    lab_b = Batcher(data.source, rows["labeled"], data.prep, data_cfg, batch_size=eval_bs, train=False,
                     seed=0)
     probe_ids = _probe_ids(rows, cfg.probe_size)
     probes = {"ids": probe_ids.tolist(), "labels": data.source.labels[probe_ids].tolist(),
@@ -474,7 +475,7 @@ def _run(cfg, data, store, device, out, resume, overwrite, console, quiet) -> di
     final = d.eval_model()
     if cfg.select == "best" and (out / "best.pt").exists():
         final.load_state_dict(safe_load(out / "best.pt")["state_dict"])
-    test_b = Batcher(data.source, rows["test"], data.prep, cfg.data, batch_size=eval_bs, train=False,
+    test_b = Batcher(data.source, rows["test"], data.prep, data_cfg, batch_size=eval_bs, train=False,
                      seed=0) if len(rows["test"]) else None
     val = evaluate(final, val_b.epoch(0), device, d.use_amp, cfg.channels_last) if val_b else {}
     test = evaluate(final, test_b.epoch(0), device, d.use_amp, cfg.channels_last) if test_b else {}

@@ -1,0 +1,158 @@
+"""Step time and peak memory of the distill modes, side by side, against a full-MPL reference step.
+
+Each configuration runs in its own process (peak memory is per process), on the same student, the same
+synthetic batches and the same settings; the script prints ratios to the ``kd`` step:
+
+* ``supervised``, ``kd``, ``reducedmpl`` with ``reinforce`` and with ``exact`` (jvp and fd) — the real
+  ``Distiller`` code path of ``reducedmpl distill``, targets served from memory as the store does;
+* ``full-mpl``: the same student step plus a resnet18-class large teacher that runs forward and backward on
+  the labeled and unlabeled batches every step, as full Meta Pseudo Labels does.
+
+Targets: reinforce <= 1.25x kd, exact <= 1.6x kd, both <= 0.2x full-mpl and < 0.5x its peak memory.
+
+    python benchmarks/distill_speed.py                 # default: 32x32 RGB, test_resnet student
+    python benchmarks/distill_speed.py --steps 40 --student resnet10t
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+MODES = ["supervised", "kd", "reinforce", "exact-jvp", "exact-fd", "full-mpl"]
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(args) -> dict:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from reducedmpl.config import DataConfig, DistillConfig
+    from reducedmpl.data.loading import default_preprocess
+    from reducedmpl.data.sources import Source
+    from reducedmpl.data.splits import make_splits
+    from reducedmpl.models import create_model
+    from reducedmpl.stages.distill import Distiller
+    from reducedmpl.stages.train_large import DataSetup
+
+    torch.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    n, c = 4096, 10
+    images = rng.integers(0, 256, (n, args.size, args.size, 3), dtype=np.uint8)
+    labels = rng.integers(0, c, n).astype(np.int64)
+    source = Source(spec="synthetic", kind="npz", class_names=[str(i) for i in range(c)], labels=labels,
+                    in_chans=3, images=images, image_size=(args.size, args.size))
+    data_cfg = DataConfig(source="synthetic", labeled_per_class=100, crop_padding=2, hflip=True)
+    splits = make_splits(source, data_cfg)
+    data = DataSetup(source, splits, default_preprocess(source, splits.indices["labeled"], data_cfg))
+    logits = rng.normal(size=(n, c)).astype(np.float32) * 3
+
+    class MemoryStore:  # what TargetStore.log_probs returns, from memory
+        def log_probs(self, ids):
+            x = logits[ids]
+            return x - np.log(np.exp(x - x.max(1, keepdims=True)).sum(1, keepdims=True)) - x.max(1, keepdims=True)
+
+    mode = args.worker
+    kw = dict(mode="reducedmpl", student=args.student, steps=10_000, batch_size=args.labeled_batch,
+              unlabeled_batch_size=args.unlabeled_batch, data=data_cfg, device="cpu")
+    if mode in ("supervised", "kd"):
+        kw["mode"] = mode
+    elif mode == "reinforce":
+        kw["teacher_grad"] = "reinforce"
+    elif mode.startswith("exact"):
+        kw.update(teacher_grad="exact", exact_method=mode.split("-")[1])
+    elif mode == "full-mpl":
+        kw.update(teacher_grad="reinforce")
+    cfg = DistillConfig(**kw)
+    base_rss = _rss_mb()
+    d = Distiller(cfg, data, MemoryStore(), torch.device("cpu"))
+
+    step = d.step
+    if mode == "full-mpl":
+        large = create_model(args.large, c, 3)
+        opt = torch.optim.SGD(large.parameters(), lr=0.01, momentum=0.9)
+
+        def step(measure: bool):  # noqa: F811 - the full-MPL reference: the large teacher in the loop
+            x_l, y_l, _ = d.labeled.next()
+            x_u, _, _ = d.unlabeled.next()
+            t_all = large(torch.cat([x_u, x_l]))
+            t_u, t_l = t_all[:len(x_u)], t_all[len(x_u):]
+            y_hat = torch.multinomial(F.softmax(t_u.detach(), -1), 1).squeeze(1)
+            loss_old, _ = d._labeled_loss(x_l, y_l)
+            s_loss = F.cross_entropy(d.student(x_u), y_hat)
+            d._student_update(s_loss)
+            loss_new, _ = d._labeled_loss(x_l, y_l)
+            h = loss_old - loss_new
+            loss_t = h * F.cross_entropy(t_u, y_hat) + F.cross_entropy(t_l, y_l)
+            opt.zero_grad(set_to_none=True)
+            loss_t.backward()
+            opt.step()
+
+    for _ in range(args.warmup):
+        step(False)
+    times = []
+    for i in range(args.steps):
+        t0 = time.perf_counter()
+        step(False)
+        times.append(time.perf_counter() - t0)
+    return {"mode": mode, "median_s": statistics.median(times), "peak_rss_mb": _rss_mb(),
+            "base_rss_mb": base_rss}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--student", default="test_resnet")
+    p.add_argument("--large", default="resnet18")
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--labeled-batch", type=int, default=32)
+    p.add_argument("--unlabeled-batch", type=int, default=128)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=2, help="each mode runs this many times, interleaved")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    results: dict[str, list[dict]] = {m: [] for m in MODES}
+    passthrough = [a for a in sys.argv[1:]]
+    for r in range(args.rounds):
+        order = MODES if r % 2 == 0 else MODES[::-1]  # alternate the order against drift
+        for mode in order:
+            out = subprocess.run([sys.executable, __file__, *passthrough, "--worker", mode], capture_output=True,
+                                 text=True, check=True)
+            results[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    med = {m: statistics.median(r["median_s"] for r in rs) for m, rs in results.items()}
+    mem = {m: max(r["peak_rss_mb"] - r["base_rss_mb"] for r in rs) for m, rs in results.items()}
+    peak = {m: max(r["peak_rss_mb"] for r in rs) for m, rs in results.items()}
+    print(f"student {args.student}, large {args.large}, {args.size}x{args.size} RGB, batches "
+          f"{args.labeled_batch} labeled + {args.unlabeled_batch} unlabeled, {args.steps} steps x {args.rounds} "
+          f"rounds, {args.threads} threads")
+    print(f"{'mode':<12}{'step ms':>9}{'x kd':>7}{'x full-mpl':>12}{'peak RSS MB':>13}{'added MB':>10}"
+          f"{'x full-mpl mem':>16}")
+    for m in MODES:
+        print(f"{m:<12}{1000 * med[m]:>9.1f}{med[m] / med['kd']:>7.2f}{med[m] / med['full-mpl']:>12.3f}"
+              f"{peak[m]:>13.0f}{mem[m]:>10.0f}{mem[m] / max(mem['full-mpl'], 1e-9):>16.2f}")
+    checks = [("reinforce <= 1.25x kd", med["reinforce"] / med["kd"] <= 1.25),
+              ("exact (jvp) <= 1.6x kd", med["exact-jvp"] / med["kd"] <= 1.6),
+              ("exact (fd) <= 1.6x kd", med["exact-fd"] / med["kd"] <= 1.6),
+              ("reinforce, exact <= 0.2x full-mpl step",
+               max(med["reinforce"], med["exact-jvp"], med["exact-fd"]) / med["full-mpl"] <= 0.2),
+              ("reinforce, exact added memory < 0.5x full-mpl",
+               max(mem["reinforce"], mem["exact-jvp"], mem["exact-fd"]) / max(mem["full-mpl"], 1e-9) < 0.5)]
+    for name, ok in checks:
+        print(f"{'met ' if ok else 'MISSED'}  {name}")
+
+
+if __name__ == "__main__":
+    main()

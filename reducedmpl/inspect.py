@@ -1,0 +1,234 @@
+"""``reducedmpl inspect``: what an artifact holds, and whether it is sound.
+
+Pure functions return plain dicts (usable from Python and notebooks); :func:`render` prints one as tables.
+Every report has ``kind`` and ``problems``: an empty list means the artifact is sound.
+
+* targets store (``targets.h5`` or its folder): :func:`reducedmpl.targets.verify_store` - rows per split, the
+  teacher's accuracy / entropy / calibration, NaN/Inf, shard completeness and provenance.
+* ``teacher.pt`` / ``student.pt``: what the artifact records, and a soundness check - its state dict loads
+  strictly into the timm model it names and every weight is finite.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from .errors import UserError
+from .targets import MASTER_NAME, verify_store
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+ARTIFACT_KINDS = ("teacher", "student")
+
+
+# ---------------------------------------------------------------------------------------------- detection
+def inspect_path(path: str | Path) -> dict[str, Any]:
+    """Inspect a targets store, teacher.pt or student.pt; anything else is a UserError."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MASTER_NAME
+    if path.suffix in (".h5", ".hdf5") or _head(path) == HDF5_SIGNATURE:
+        return inspect_store(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist", "pass a targets.h5, teacher.pt or student.pt")
+    return inspect_artifact(path)
+
+
+def _head(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(HDF5_SIGNATURE))
+    except OSError:
+        return b""
+
+
+# ---------------------------------------------------------------------------------------------- targets
+def inspect_store(path: str | Path) -> dict[str, Any]:
+    """:func:`verify_store` plus the parsed provenance; a missing master with shards beside it is reported."""
+    path = Path(path)
+    if not path.exists():
+        from .stages.precompute import store_files
+
+        leftovers = store_files(path) if path.parent.is_dir() else []
+        if not leftovers:
+            raise UserError(f"{path} does not exist", "pass a targets.h5, teacher.pt or student.pt")
+        temps = sum(p.name.endswith(".tmp") for p in leftovers)
+        return {"kind": "targets", "path": str(path), "leftovers": [p.name for p in leftovers],
+                "problems": [f"{path} does not exist: {len(leftovers) - temps} shard(s) and {temps} temporary "
+                             f"file(s) of an interrupted precompute are there; run the same precompute command "
+                             f"again to finish it"]}
+    report = {"kind": "targets", **verify_store(path)}
+    prov = report.get("provenance", {})
+    for key in ("fingerprints", "config"):
+        if isinstance(prov.get(key), str):
+            try:
+                prov[key] = json.loads(prov[key])
+            except json.JSONDecodeError:
+                pass
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- artifacts
+def inspect_artifact(path: str | Path) -> dict[str, Any]:
+    """What a teacher.pt / student.pt records, and whether its weights are sound."""
+    import torch
+
+    from .models import ARTIFACT_KEYS, safe_load
+
+    path = Path(path)
+    obj = safe_load(path, what="artifact")
+    kind = obj.get("kind") if isinstance(obj, dict) else None
+    if kind not in ARTIFACT_KINDS:
+        found = f"kind {kind!r}" if isinstance(obj, dict) else type(obj).__name__
+        raise UserError(f"{path} is neither a targets store nor a reducedmpl teacher/student artifact ({found})",
+                        "pass a targets.h5, teacher.pt or student.pt")
+    problems: list[str] = []
+    missing = [k for k in ARTIFACT_KEYS if k not in obj]
+    if missing:
+        problems.append(f"lacks {', '.join(missing)}")
+    prep = obj.get("preprocess") if isinstance(obj.get("preprocess"), dict) else {}
+    data = obj.get("data") if isinstance(obj.get("data"), dict) else {}
+    report: dict[str, Any] = {
+        "kind": kind, "path": str(path), "arch": obj.get("arch"), "num_classes": obj.get("num_classes"),
+        "class_names": list(obj.get("class_names") or []), "in_chans": obj.get("in_chans"),
+        "input_size": obj.get("input_size") or ([prep.get("in_chans"), prep.get("input_size"),
+                                                 prep.get("input_size")] if prep else None),
+        "mean": prep.get("mean"), "std": prep.get("std"), "data_source": data.get("source"),
+        "split_seed": data.get("split_seed"), "fingerprints": obj.get("data_fingerprints") or {},
+        "split_sizes": obj.get("split_sizes") or {}, "metrics": obj.get("metrics") or {},
+        "tool_version": obj.get("tool_version"), "parameters": None, "nonfinite_values": None,
+        "problems": problems,
+    }
+    sd = obj.get("state_dict")
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        problems.append("state_dict is missing or is not a mapping of tensors")
+        return report
+    report["parameters"] = int(sum(v.numel() for v in sd.values() if v.is_floating_point()))
+    bad = {k: int((~torch.isfinite(v)).sum()) for k, v in sd.items() if v.is_floating_point()}
+    bad = {k: n for k, n in bad.items() if n}
+    report["nonfinite_values"] = sum(bad.values())
+    if bad:
+        problems.append(f"{sum(bad.values())} NaN/Inf weight values in {len(bad)} tensor(s), e.g. "
+                        f"{next(iter(bad))}")
+    if isinstance(report["num_classes"], int) and report["class_names"] \
+            and len(report["class_names"]) != report["num_classes"]:
+        problems.append(f"num_classes is {report['num_classes']} but {len(report['class_names'])} class names")
+    problem = _strict_load_problem(sd, report, prep)
+    if problem:
+        problems.append(problem)
+    return report
+
+
+def _strict_load_problem(sd: dict, report: dict, prep: dict) -> str | None:
+    """None when ``sd`` loads strictly into ``timm.create_model(arch, num_classes, in_chans)``."""
+    from .models import create_model
+
+    arch, classes, chans = report["arch"], report["num_classes"], report["in_chans"]
+    if not isinstance(arch, str) or not isinstance(classes, int) or not isinstance(chans, int):
+        return "arch, num_classes or in_chans is missing, so the weights cannot be checked"
+    try:
+        model = create_model(arch, classes, chans, input_size=prep.get("input_size"))
+        model.load_state_dict(sd, strict=True)
+    except Exception as e:  # noqa: BLE001 - any failure is a finding, not a crash
+        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+        return f"state_dict does not load strictly into timm {arch!r} ({classes} classes, {chans} channels): " \
+               f"{first[:160]}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- output
+def jsonable(obj: Any) -> Any:
+    """The report with numpy scalars and non-finite floats made JSON-safe."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    return obj
+
+
+def _pct(x: Any) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def _fingerprints(fps: Any) -> str:
+    if not isinstance(fps, dict) or not fps:
+        return "none"
+    return "  ".join(f"{k} {str(v)[:12]}" for k, v in fps.items())
+
+
+def _store_rows(r: dict) -> list[tuple[str, str]]:
+    p = r.get("provenance", {})
+    rows = [("path", r["path"]), ("kind", "targets store")]
+    if "leftovers" in r:
+        return rows + [("files", ", ".join(r["leftovers"]))]
+    per_split = r.get("rows_per_split") or {}
+    rows += [
+        ("rows", f"{r['rows']:,}  (" + ", ".join(f"{k} {v:,}" for k, v in per_split.items()) + ")"
+         if r.get("rows") is not None else "n/a"),
+        ("teacher accuracy", f"{_pct(r.get('teacher_accuracy'))} on {r.get('labeled_rows', 0):,} labeled rows"),
+        ("mean entropy", "n/a" if r.get("mean_entropy") is None else f"{r['mean_entropy']:.4f} nats"),
+        ("ECE (15 bins)", "n/a" if r.get("ece") is None else f"{r['ece']:.4f}"),
+        ("NaN/Inf values", "n/a" if r.get("nonfinite_values") is None else f"{r['nonfinite_values']:,}"),
+        ("layout", f"{'top-' + str(p['topk']) if p.get('topk') else 'dense'} {p.get('dtype', '?')} logits, "
+                   f"temperature {p.get('temperature', '?')}, {p.get('num_classes', '?')} classes"),
+    ]
+    shards = r.get("shards") or []
+    done = sum(1 for s in shards if s.get("complete") and s.get("exists") and s.get("same_run", True))
+    rows += [
+        ("complete", f"master {r.get('master_complete')}, shards {done}/{len(shards)} complete of this run"),
+        ("teacher", f"{p.get('teacher_arch', '?')}  sha256 {str(p.get('teacher_sha256', ''))[:12]}"),
+        ("data", f"{p.get('data_spec', '?')}  split_seed {p.get('split_seed', '?')}"),
+        ("fingerprints", _fingerprints(p.get("fingerprints"))),
+        ("tool version", f"{p.get('tool_version', '?')}  (schema {p.get('schema_version', '?')}, run key "
+                         f"{str(p.get('run_key', ''))[:12]})"),
+    ]
+    return rows
+
+
+def _artifact_rows(r: dict) -> list[tuple[str, str]]:
+    names = r.get("class_names") or []
+    shown = ", ".join(map(str, names[:10])) + (", ..." if len(names) > 10 else "")
+    metrics = r.get("metrics") or {}
+    return [
+        ("path", r["path"]), ("kind", f"{r['kind']} artifact"), ("arch", str(r.get("arch"))),
+        ("classes", f"{r.get('num_classes')}  ({shown})"),
+        ("input size", f"{r.get('input_size')}  mean {r.get('mean')}  std {r.get('std')}"),
+        ("data", f"{r.get('data_source')}  split_seed {r.get('split_seed')}"),
+        ("fingerprints", _fingerprints(r.get("fingerprints"))),
+        ("metrics", ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+         or "none"),
+        ("parameters", "n/a" if r.get("parameters") is None else f"{r['parameters']:,}"),
+        ("NaN/Inf values", "n/a" if r.get("nonfinite_values") is None else f"{r['nonfinite_values']:,}"),
+        ("tool version", str(r.get("tool_version"))),
+    ]
+
+
+def render(report: dict, console: Console) -> None:
+    """Print ``report`` as a table, then the problems (or 'sound')."""
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    rows = _store_rows(report) if report["kind"] == "targets" else _artifact_rows(report)
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+    shards = report.get("shards") or []
+    if len(shards) > 1:
+        st = Table("shard", "rows", "complete", "same run")
+        for s in shards:
+            st.add_row(s["file"], str(s.get("rows", "?")), str(s.get("complete")), str(s.get("same_run", "?")))
+        console.print(st)
+    if report["problems"]:
+        for problem in report["problems"]:
+            console.print(f"problem: {problem}", style="red", highlight=False, soft_wrap=True)
+    else:
+        console.print("sound", style="green")

@@ -1,0 +1,401 @@
+"""``reducedmpl precompute``: run the large teacher once over the data and store its logits.
+
+Reads top to bottom: open the teacher (a ``teacher.pt`` artifact, or plain timm weights), rebuild the data and
+splits, lay the rows out (by split, then id), derive the run key, look at what ``--out`` already holds, then
+compute the missing shards and write the master file that joins them.
+
+Crash safety comes from the store (:mod:`reducedmpl.targets`): every shard is written under a temporary name and
+renamed only when complete, and the master is written last. Running the same command again after a crash keeps
+the complete shards of this exact job (same run key), recomputes the others and writes the master, which gives
+the same store as an uninterrupted run. While one batch is written, the teacher already runs on the next.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from rich.console import Console
+from torch import nn
+
+from .. import __version__
+from ..config import DataConfig, PrecomputeConfig, to_dict
+from ..data.loading import Batcher, Preprocess, default_preprocess
+from ..data.sources import Source, load_source
+from ..data.splits import Splits, make_splits
+from ..engine import predict_logits, prepare_model, progress, resolve_device
+from ..errors import ArtifactError, ConfigError, DataError, UserError
+from ..models import (check_model_name, create_model, file_sha256, load_artifact, load_state_dict_file,
+                      load_weights, model_from_artifact)
+from ..targets import (MASTER_NAME, SPLIT_NAMES, ShardWriter, StoreMeta, TargetStore, derive_run_key,
+                       plan_shards, shard_is_complete, shard_paths, write_master)
+from .train_large import check_artifact_data
+
+# The data settings that decide which rows go into which split (the rest only change augmentation/loading).
+SPLIT_KEYS = ("source", "split_seed", "val_size", "test_size", "use_official_test", "labeled_per_class",
+              "labeled_fraction")
+UNLABELED = -1
+
+
+# ---------------------------------------------------------------------------------------------- the teacher
+@dataclass
+class Teacher:
+    """Where the teacher comes from: a ``teacher.pt`` artifact, or plain weights plus a timm name."""
+
+    path: Path  # teacher.pt, or the weights file
+    arch: str
+    artifact: dict | None = None  # None for plain weights (--model/--checkpoint)
+
+    @property
+    def recorded_data(self) -> dict | None:
+        """The DataConfig dict the teacher was trained on (artifacts only)."""
+        return dict(self.artifact["data"]) if self.artifact is not None else None
+
+
+def open_teacher(teacher: str | Path | None = None, model: str | None = None,
+                 checkpoint: str | Path | None = None) -> Teacher:
+    """``--teacher teacher.pt``, or ``--model NAME --checkpoint PATH`` (.pt/.pth/.safetensors weights)."""
+    if teacher is not None and (model is not None or checkpoint is not None):
+        raise ConfigError("pass either --teacher or --model with --checkpoint, not both",
+                          "--teacher takes a teacher.pt written by train-large; --model/--checkpoint plain weights")
+    if teacher is not None:
+        art = load_artifact(teacher, "teacher")
+        return Teacher(Path(teacher), art["arch"], art)
+    if model is None or checkpoint is None:
+        missing = "--checkpoint" if model is not None else "--model" if checkpoint is not None else "--teacher"
+        raise ConfigError(f"no teacher given ({missing} is missing)",
+                          "pass --teacher runs/NAME/teacher.pt, or --model NAME --checkpoint PATH")
+    check_model_name(model)
+    if not Path(checkpoint).is_file():
+        raise ArtifactError(f"checkpoint {checkpoint} does not exist", "check the path")
+    return Teacher(Path(checkpoint), model)
+
+
+def config_base(teacher: Teacher) -> dict | None:
+    """Lowest layer of the precompute config: the teacher's recorded data, so `--set data.x=...` edits it."""
+    data = teacher.recorded_data
+    return {"data": data} if data is not None else None
+
+
+def _teacher_from_weights(teacher: Teacher, source: Source, prep: Preprocess) -> tuple[nn.Module, Preprocess]:
+    """A timm model with the checkpoint's weights; its class count must be the data's."""
+    sd = load_state_dict_file(teacher.path)
+    model = create_model(teacher.arch, source.num_classes, prep.in_chans, input_size=prep.input_size)
+    classifier = model.pretrained_cfg.get("classifier", "fc")
+    classifier = classifier[0] if isinstance(classifier, (list, tuple)) else classifier
+    head = sd.get(f"{classifier}.weight")
+    if head is not None and head.ndim >= 1 and head.shape[0] != source.num_classes:
+        raise ArtifactError(f"checkpoint {teacher.path} has a classifier for {head.shape[0]} classes, the data "
+                            f"{source.spec!r} has {source.num_classes}",
+                            "pass weights trained on this data's classes (or fine-tune them with train-large)")
+    first_conv = model.pretrained_cfg.get("first_conv")
+    stem = sd.get(f"{first_conv}.weight") if isinstance(first_conv, str) else None
+    if stem is not None and stem.ndim == 4 and stem.shape[1] != prep.in_chans:  # e.g. RGB weights, grey data
+        prep = Preprocess(int(stem.shape[1]), prep.input_size, prep.mean, prep.std)
+        model = create_model(teacher.arch, source.num_classes, prep.in_chans, input_size=prep.input_size)
+    load_weights(model, teacher.path, teacher.arch)
+    return model, prep
+
+
+# ---------------------------------------------------------------------------------------------- the rows
+@dataclass
+class Rows:
+    """The rows of the store in order (by split in SPLIT_NAMES order, then id)."""
+
+    ids: np.ndarray  # int64 row ids of the source
+    labels: np.ndarray  # int64, -1 for unlabeled rows
+    splits: np.ndarray  # uint8 codes into SPLIT_NAMES
+    sizes: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(len(self.ids))
+
+
+def lay_out_rows(source: Source, splits: Splits, names: list[str]) -> Rows:
+    chosen = [s for s in SPLIT_NAMES if s in names]
+    ids = [splits.indices[s] for s in chosen]
+    labels = [np.full(len(i), UNLABELED, np.int64) if s == "unlabeled" else source.labels[i].astype(np.int64)
+              for s, i in zip(chosen, ids)]
+    codes = [np.full(len(i), SPLIT_NAMES.index(s), np.uint8) for s, i in zip(chosen, ids)]
+    return Rows(np.concatenate(ids).astype(np.int64), np.concatenate(labels), np.concatenate(codes),
+                {s: int(len(i)) for s, i in zip(chosen, ids)})
+
+
+# ---------------------------------------------------------------------------------------------- the output
+def resolve_out(out: str | Path | None, teacher: Teacher) -> Path:
+    """``--out`` as the master file: a folder (or a name without .h5) gets ``targets.h5`` inside."""
+    if out is None:
+        if teacher.artifact is None:
+            raise ConfigError("--out is required with --model/--checkpoint", "pass --out PATH/targets.h5")
+        return teacher.path.parent / MASTER_NAME
+    out = Path(out)
+    if out.is_dir() or out.suffix not in (".h5", ".hdf5"):
+        out = out / MASTER_NAME
+    return out
+
+
+def store_files(out: Path) -> list[Path]:
+    """The master, every shard named after it (whatever the shard count) and their temporary files."""
+    pattern = f"{out.stem}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]{out.suffix}"
+    files = [out, *sorted(out.parent.glob(pattern))]
+    temps = [out.with_name(f".{out.name}.tmp"), *sorted(out.parent.glob(f".{pattern}.tmp"))]
+    return [p for p in files + temps if p.exists()]
+
+
+def _read_run_key(path: Path) -> str | None:
+    try:
+        with h5py.File(path, "r") as f:
+            key = f.attrs["run_key"]
+            return key.decode() if isinstance(key, bytes) else str(key)
+    except Exception:  # noqa: BLE001 - unreadable means "not ours"
+        return None
+
+
+def _differences(path: Path, meta: StoreMeta) -> str:
+    """What differs between the store at ``path`` and this job, for the error message."""
+    try:
+        with h5py.File(path, "r") as f:
+            old = StoreMeta.from_attrs(f.attrs)
+    except Exception:  # noqa: BLE001
+        return "it cannot be read"
+    diff = [k for k, v in meta.to_attrs().items() if k not in ("run_key", "tool_version", "config")
+            and old.to_attrs().get(k) != v]
+    for section, now in meta.config.items():
+        before = old.config.get(section)
+        if isinstance(now, dict) and isinstance(before, dict):
+            diff += [f"{section}.{k}" for k in sorted(set(now) | set(before)) if now.get(k) != before.get(k)]
+        elif now != before:
+            diff.append(section)
+    return "it differs in " + ", ".join(diff[:6]) if diff else "its row count or shard count differs"
+
+
+def prepare_out(out: Path, meta: StoreMeta, shards: list[Path], overwrite: bool, console: Console) -> bool:
+    """Make ``out`` ready; True when it already holds this exact store (nothing to do)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the folder of {out} ({e.strerror or e})", "choose a writable --out") from None
+    if out.exists() and out.is_dir():
+        raise UserError(f"{out} is a folder", "choose another --out")
+    if overwrite:
+        for path in store_files(out):  # the master first: a half-removed store is never taken for complete
+            path.unlink(missing_ok=True)
+        return False
+    if out.exists():
+        if _read_run_key(out) != meta.run_key:
+            raise ArtifactError(f"{out} already holds a targets store from another precompute run "
+                                f"({_differences(out, meta)})", "pass --overwrite to replace it, or choose another --out")
+        try:
+            TargetStore.open(out, memory_budget_bytes=0).close()
+            return True
+        except ArtifactError as e:  # this job's master, but a shard is gone or broken: redo what is missing
+            console.print(f"{out} is this job's store but is not sound ({e}); recomputing what is missing")
+            out.unlink()
+    stale = [p for p in store_files(out) if p.name.endswith(".tmp")]
+    stale += [p for p in store_files(out) if p.suffix == out.suffix and p not in shards and p != out]
+    stale += [p for p in shards if p.exists() and not shard_is_complete(p, meta)]
+    if stale:
+        console.print(f"removing {len(stale)} leftover file(s) of an interrupted or other precompute run")
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return False
+
+
+# ---------------------------------------------------------------------------------------------- writing
+class _OverlappedWriter:
+    """Hands ``ShardWriter.append`` to one background thread, so writing a batch overlaps the next forward pass.
+
+    At most one batch is in flight; an error in the thread is raised at the next ``append`` or at ``flush``.
+    """
+
+    def __init__(self, writer: ShardWriter, pool: ThreadPoolExecutor):
+        self.writer, self.pool = writer, pool
+        self._pending: Future | None = None
+
+    def append(self, *columns: np.ndarray) -> None:
+        self.flush()
+        self._pending = self.pool.submit(self.writer.append, *columns)
+
+    def flush(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+
+@dataclass
+class Tally:
+    """Teacher top-1 hits and labeled rows per split."""
+
+    correct: dict[str, int] = field(default_factory=dict)
+    labeled: dict[str, int] = field(default_factory=dict)
+
+    def add(self, pred: np.ndarray, labels: np.ndarray, codes: np.ndarray) -> None:
+        has = labels >= 0
+        for code in np.unique(codes[has]).tolist():
+            name, mask = SPLIT_NAMES[code], has & (codes == code)
+            self.correct[name] = self.correct.get(name, 0) + int((pred[mask] == labels[mask]).sum())
+            self.labeled[name] = self.labeled.get(name, 0) + int(mask.sum())
+
+    def accuracy(self) -> dict[str, float]:
+        return {k: self.correct[k] / n for k, n in self.labeled.items() if n}
+
+
+def _stored_predictions(path: Path, meta: StoreMeta) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-1 class, label and split code of every row of a finished shard (for the summary of skipped shards)."""
+    with h5py.File(path, "r") as f:
+        labels, codes = f["label"][...], f["split"][...]
+        if meta.topk:
+            pred = f["topk_index"][:, 0].astype(np.int64) if len(labels) else np.zeros(0, np.int64)
+        else:
+            pred = f["logits"][...].argmax(axis=1) if len(labels) else np.zeros(0, np.int64)
+    return pred, labels, codes
+
+
+def compute_shard(model: nn.Module, batcher: Batcher | None, rows: Rows, start: int, stop: int, writer: ShardWriter,
+                  pool: ThreadPoolExecutor, device: torch.device, cfg: PrecomputeConfig, tally: Tally,
+                  advance) -> None:
+    """Teacher logits for rows ``start:stop`` into ``writer``, batch by batch, in row order."""
+    if batcher is None:  # an empty shard (more shards than rows)
+        return
+    out = _OverlappedWriter(writer, pool)
+    amp = cfg.amp and device.type == "cuda"
+    pos = start
+    for logits, _, ids in predict_logits(model, batcher.epoch(0), device, amp, cfg.channels_last):
+        n = len(ids)
+        sl = slice(pos, pos + n)
+        if not np.array_equal(ids.numpy(), rows.ids[sl]):
+            raise RuntimeError("batches came out of row order")  # a bug, never a user error
+        logits = logits.numpy()
+        out.append(rows.ids[sl], rows.labels[sl], rows.splits[sl], logits)
+        tally.add(logits.argmax(axis=1), rows.labels[sl], rows.splits[sl])
+        pos += n
+        advance(n)
+    out.flush()
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+@dataclass
+class DataSetup:
+    config: DataConfig
+    source: Source
+    splits: Splits
+
+
+def setup_data(cfg: PrecomputeConfig, teacher: Teacher, console: Console) -> DataSetup:
+    """The data to run over; refuses a teacher whose own recorded data no longer matches what is on disk."""
+    if cfg.data is None:
+        raise ConfigError("--model/--checkpoint needs --data (plain weights do not record their data)",
+                          "pass --data SOURCE, e.g. --data mnist:DIR")
+    source = load_source(cfg.data.source)
+    splits = make_splits(source, cfg.data)
+    art = teacher.artifact
+    if art is None:
+        return DataSetup(cfg.data, source, splits)
+    if source.num_classes != art["num_classes"] or list(source.class_names) != list(art["class_names"]):
+        raise ArtifactError(f"teacher {teacher.path} predicts {art['num_classes']} classes "
+                            f"({_short(art['class_names'])}), the data {source.spec!r} has {source.num_classes} "
+                            f"({_short(source.class_names)})", "precompute with data of the teacher's classes")
+    recorded = teacher.recorded_data or {}
+    if all(to_dict(cfg.data).get(k) == recorded.get(k) for k in SPLIT_KEYS):
+        check_artifact_data(art, splits, teacher.path)  # the teacher's own data: it must still be the same
+    else:
+        differs = [k for k, fp in splits.fingerprints.items() if art["data_fingerprints"].get(k) != fp]
+        if differs:
+            console.print(f"note: splits {', '.join(differs)} differ from the data the teacher was trained on; "
+                          f"the store records the new fingerprints (the teacher may have seen some val/test rows)")
+    return DataSetup(cfg.data, source, splits)
+
+
+def _short(names: list[str], n: int = 4) -> str:
+    return ", ".join(map(str, names[:n])) + (", ..." if len(names) > n else "")
+
+
+def build_meta(cfg: PrecomputeConfig, teacher: Teacher, data: DataSetup, prep: Preprocess, class_names: list[str],
+               sha256: str, num_rows: int) -> StoreMeta:
+    kept = [s for s in SPLIT_NAMES if s in cfg.splits]
+    meta = StoreMeta(
+        teacher_arch=teacher.arch, teacher_sha256=sha256, class_names=list(class_names),
+        data_spec=data.config.source, split_seed=data.config.split_seed,
+        fingerprints={s: data.splits.fingerprints[s] for s in kept}, temperature=cfg.temperature,
+        dtype=cfg.dtype, topk=cfg.topk, tool_version=__version__,
+        config={"data": to_dict(data.config), "precompute": to_dict(cfg), "preprocess": prep.to_dict()})
+    try:
+        meta.validate()
+    except ValueError as e:
+        raise ConfigError(f"precompute settings do not fit this teacher: {e}",
+                          f"the teacher has {len(class_names)} classes; use --topk below that (0: dense)") from None
+    meta.run_key = derive_run_key(meta, num_rows, cfg.shards)
+    return meta
+
+
+def run(cfg: PrecomputeConfig, teacher: Teacher, out: str | Path | None = None, *, overwrite: bool = False,
+        console: Console | None = None, quiet: bool = False) -> dict:
+    """Write the targets store for ``teacher`` at ``out``; returns a summary (see :func:`summary_line`)."""
+    console = console or Console(stderr=True)
+    t0 = time.perf_counter()
+    out = resolve_out(out, teacher)
+    device = resolve_device(cfg.device)
+    with ThreadPoolExecutor(1) as pool:
+        sha_future = pool.submit(file_sha256, teacher.path)  # hashing a large teacher overlaps the data setup
+        data = setup_data(cfg, teacher, console)
+        if teacher.artifact is not None:
+            prep = Preprocess.from_dict(teacher.artifact["preprocess"])
+            model, class_names = model_from_artifact(teacher.artifact), list(teacher.artifact["class_names"])
+        else:
+            prep = default_preprocess(data.source, data.splits.indices["labeled"], data.config)
+            model, prep = _teacher_from_weights(teacher, data.source, prep)
+            class_names = list(data.source.class_names)
+        rows = lay_out_rows(data.source, data.splits, cfg.splits)
+        if len(rows) == 0:
+            raise DataError(f"the splits {', '.join(cfg.splits)} of {data.source.spec!r} hold no rows",
+                            "choose other --splits or data settings")
+        meta = build_meta(cfg, teacher, data, prep, class_names, sha_future.result(), len(rows))
+
+    paths = shard_paths(out, cfg.shards)
+    ranges = plan_shards(len(rows), cfg.shards)
+    result = {"path": str(out), "rows": len(rows), "rows_per_split": rows.sizes, "run_key": meta.run_key,
+              "shards": cfg.shards}
+    if prepare_out(out, meta, paths, overwrite, console):
+        return {**result, "up_to_date": True, "seconds": time.perf_counter() - t0, "bytes": _bytes(out, paths)}
+
+    todo = [i for i, p in enumerate(paths) if not shard_is_complete(p, meta)]
+    if len(todo) < len(paths):
+        console.print(f"resuming: {len(paths) - len(todo)} of {len(paths)} shards are already complete")
+    tally = Tally()
+    for i, path in enumerate(paths):
+        if i not in todo:
+            tally.add(*_stored_predictions(path, meta))
+    model = prepare_model(model, device, cfg.channels_last)
+    todo_rows = sum(ranges[i][1] - ranges[i][0] for i in todo)
+    with progress(disable=quiet) as bar, ThreadPoolExecutor(1) as pool:
+        task = bar.add_task("teacher logits", total=todo_rows, info="")
+        for i in todo:
+            start, stop = ranges[i]
+            batcher = Batcher(data.source, rows.ids[start:stop], prep, data.config, batch_size=cfg.batch_size,
+                              train=False, seed=0) if stop > start else None
+            with ShardWriter(paths[i], meta, stop - start, i, len(paths), start) as writer:
+                compute_shard(model, batcher, rows, start, stop, writer, pool, device, cfg, tally,
+                              lambda n: bar.update(task, advance=n, info=f"shard {i + 1}/{len(paths)}"))
+    write_master(out, paths, meta)
+    return {**result, "up_to_date": False, "computed_shards": len(todo), "accuracy": tally.accuracy(),
+            "seconds": time.perf_counter() - t0, "bytes": _bytes(out, paths)}
+
+
+def _bytes(out: Path, paths: list[Path]) -> int:
+    return sum(p.stat().st_size for p in [out, *paths] if p.exists())
+
+
+def summary_line(result: dict) -> str:
+    """One line: rows per split (with the teacher's accuracy where rows have labels), time, bytes, path."""
+    if result.get("up_to_date"):
+        return (f"{result['path']} is up to date ({result['rows']} rows, run key {result['run_key'][:12]}); "
+                f"nothing to do (--overwrite recomputes it)")
+    acc = result.get("accuracy", {})
+    parts = [f"{name} {n}" + (f" (teacher acc {100 * acc[name]:.2f}%)" if name in acc else "")
+             for name, n in result["rows_per_split"].items()]
+    return (f"targets: {', '.join(parts)}; {result['computed_shards']}/{result['shards']} shards computed in "
+            f"{result['seconds']:.1f} s; {result['bytes']:,} bytes -> {result['path']}")
