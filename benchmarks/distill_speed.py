@@ -16,6 +16,7 @@ Targets: reinforce <= 1.25x kd, exact <= 1.6x kd, both <= 0.2x full-mpl and < 0.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import statistics
@@ -62,7 +63,7 @@ def worker(args) -> dict:
 
     mode = args.worker
     kw = dict(mode="reducedmpl", student=args.student, steps=10_000, batch_size=args.labeled_batch,
-              unlabeled_batch_size=args.unlabeled_batch, data=data_cfg, device="cpu")
+              unlabeled_batch_size=args.unlabeled_batch, data=dataclasses.asdict(data_cfg), device="cpu")
     if mode in ("supervised", "kd"):
         kw["mode"] = mode
     elif mode == "reinforce":

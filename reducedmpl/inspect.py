@@ -23,6 +23,7 @@ from .errors import UserError
 from .targets import MASTER_NAME, verify_store
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+ZIP_SIGNATURE = b"PK\x03\x04"  # torch.save's format
 ARTIFACT_KINDS = ("teacher", "student")
 
 
@@ -36,6 +37,9 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
         return inspect_store(path)
     if not path.exists():
         raise UserError(f"{path} does not exist", "pass a targets.h5, teacher.pt or student.pt")
+    if path.suffix not in (".pt", ".pth") and not _head(path).startswith(ZIP_SIGNATURE):
+        raise UserError(f"{path} is neither a targets store nor a reducedmpl teacher/student artifact",
+                        "pass a targets.h5, teacher.pt or student.pt")
     return inspect_artifact(path)
 
 

@@ -58,10 +58,14 @@ def _assert_same(a, b, where: str = "") -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- stores
-def test_example_command_writes_a_sound_store(tiny_teacher: Path) -> None:
-    out = tiny_teacher.parent / "targets.h5"
+def test_example_command_writes_a_sound_store(tiny_teacher: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("runs/t").mkdir(parents=True)
+    shutil.copy(tiny_teacher, "runs/t/teacher.pt")
+    tiny_teacher, out = Path("runs/t/teacher.pt"), Path("runs/t/targets.h5")
     t0 = time.perf_counter()
-    r = cli("precompute", "--teacher", tiny_teacher, "--out", out)
+    r = cli("precompute", "--teacher", "runs/t/teacher.pt", "--out", "runs/t/targets.h5")
     assert time.perf_counter() - t0 < 20
     assert "labeled 100" in r.stdout and "teacher acc" in r.stdout and str(out) in r.stdout
     art = _art(tiny_teacher)

@@ -1,0 +1,264 @@
+"""Quality benchmark: does ReducedMPL beat KD? (slow, not in CI)
+
+Fixed protocol on the MNIST test set (``mnist:DIR``, read in place): split by seed into 4,000 test /
+1,000 val / 5,000 train images, 10 labels per class in train (100 labels), the rest unlabeled. A large
+teacher is trained once on the 100 labels (``reducedmpl.stages.train_large.run``), its logits are stored
+once (``reducedmpl.stages.precompute.run``), then every (variant, seed) distills a ``test_resnet``
+student (``reducedmpl.stages.distill.run``). Everything is cached under ``--out``: a rerun reuses the
+teacher, the targets, and every distill run whose ``result.json`` exists.
+
+Variants are a base name with optional DistillConfig overrides, ``NAME[:key=value,key=value]``
+(values parsed as YAML; nested keys with dots), e.g. ``exact:mpl_weight=3,kl_weight=0.5``. Base names:
+
+    supervised   student on the 100 labels only
+    kd           student on q_L of the pool (temperature 1)
+    reinforce    reducedmpl, hard sampled pseudo labels, REINFORCE teacher gradient (the paper's)
+    exact        reducedmpl, soft pseudo labels, exact first-order teacher gradient
+
+The table reports mean ± std (sample std) over seeds of test and val accuracy, and the per-seed paired
+difference of test accuracy to ``kd`` (same seed: same student init, same batches). Model selection and
+tuning use the val split only; the test split is read once per run, for the final number.
+
+    python benchmarks/quality.py --out runs/quality                      # the default comparison
+    python benchmarks/quality.py --out runs/quality --seeds 0 --variants exact:mpl_weight=1 \\
+        exact:mpl_weight=3 --tag sweep                                    # a tuning sweep (read val only)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+
+DEFAULT_DATA = "mnist:/work/shared/data/mnist-t10k"
+BASES = {
+    "supervised": {"mode": "supervised"},
+    "kd": {"mode": "kd"},
+    "reinforce": {"mode": "reducedmpl", "teacher_grad": "reinforce"},
+    "exact": {"mode": "reducedmpl", "teacher_grad": "exact"},
+}
+DEFAULT_VARIANTS = ["supervised", "kd", "reinforce:mpl_weight=0", "reinforce", "exact:mpl_weight=0", "exact"]
+
+
+# ------------------------------------------------------------------------------------------------ variants
+def parse_variant(spec: str) -> dict:
+    """``NAME[:k=v,k=v]`` -> DistillConfig overrides (nested dicts for dotted keys)."""
+    import yaml
+
+    name, _, rest = spec.partition(":")
+    if name not in BASES:
+        raise SystemExit(f"unknown variant base {name!r} in {spec!r}; choose from {', '.join(BASES)}")
+    kw: dict = json.loads(json.dumps(BASES[name]))
+    for item in filter(None, rest.split(",")):
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"variant option {item!r} in {spec!r} is not key=value")
+        node = kw
+        *parents, last = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = yaml.safe_load(raw)
+    return kw
+
+
+def folder_name(spec: str) -> str:
+    return spec.replace(":", "__").replace(",", "_").replace("=", "-").replace("/", "_")
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def data_dict(args) -> dict:
+    return {"source": args.data, "split_seed": args.split_seed, "val_size": float(args.val_size),
+            "test_size": float(args.test_size), "use_official_test": False,
+            "labeled_per_class": args.labels_per_class}
+
+
+def teacher_and_targets(args) -> Path:
+    """Train the large teacher and store its targets, once; returns the targets path."""
+    import torch
+    from rich.console import Console
+
+    from reducedmpl.config import DataConfig, OptimConfig, PrecomputeConfig, TrainLargeConfig
+    from reducedmpl.stages import precompute, train_large
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    console = Console(stderr=True)
+    tdir = out / "large"
+    if not (tdir / "teacher.pt").exists():
+        cfg = TrainLargeConfig(data=DataConfig(**data_dict(args)), model=args.teacher_model,
+                               epochs=args.teacher_epochs, batch_size=args.teacher_batch,
+                               optim=OptimConfig(opt="adamw", lr=args.teacher_lr, weight_decay=0.05),
+                               select="best", device="cpu", seed=0)
+        cfg.validate()
+        t0 = time.perf_counter()
+        r = train_large.run(cfg, tdir, overwrite=True, console=console, quiet=True)
+        console.print(f"large teacher {args.teacher_model}: val {r['val_acc']:.4f} test {r['test_acc']:.4f} "
+                      f"({time.perf_counter() - t0:.0f} s)")
+    targets = out / "targets" / "targets.h5"
+    if not targets.exists():
+        teacher = precompute.open_teacher(tdir / "teacher.pt")
+        base = precompute.config_base(teacher)
+        cfg = PrecomputeConfig(data=DataConfig(**base["data"]), dtype="float32", device="cpu")
+        cfg.validate()
+        r = precompute.run(cfg, teacher, targets, overwrite=True, console=console, quiet=True)
+        console.print(precompute.summary_line(r))
+    return targets
+
+
+def distill_one(args_dict: dict, spec: str, seed: int, targets: str) -> dict:
+    """One (variant, seed) run in its own process; cached by folder (skipped if result.json exists)."""
+    import torch
+    from rich.console import Console
+
+    from reducedmpl.config import DistillConfig, from_dict
+    from reducedmpl.stages import distill
+
+    args = argparse.Namespace(**args_dict)
+    torch.set_num_threads(args.threads)
+    run_dir = Path(args.out) / "distill" / f"{folder_name(spec)}" / f"seed{seed}"
+    result_path = run_dir / "result.json"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    kw = {"steps": args.steps, "seed": seed, "device": "cpu", "eval_every": args.eval_every,
+          "log_every": 10, "checkpoint_every": 10**9, **parse_variant(spec)}
+    cfg = from_dict(DistillConfig, kw, "distill")
+    cfg.validate()
+    return distill.run(cfg, targets, run_dir, overwrite=True, console=Console(stderr=True), quiet=True)
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _ms(xs: list[float]) -> str:
+    if not xs:
+        return "–"
+    m = statistics.mean(xs)
+    s = statistics.stdev(xs) if len(xs) > 1 else float("nan")
+    return f"{m:.2f} ± {s:.2f}"
+
+
+def diagnostics(run_dir: Path) -> dict:
+    """End-of-training means of the logged reduced-teacher diagnostics (last 10 % of logged steps)."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    logged = [r for r in rows if "entropy_teacher" in r]
+    out = {}
+    if logged:
+        tail = logged[-max(1, len(logged) // 10):]
+        for k in ("entropy_teacher", "entropy_large", "flip_rate", "train_acc_teacher"):
+            vals = [r[k] for r in tail if k in r]
+            if vals:
+                out[k] = statistics.mean(vals)
+    res = json.loads((run_dir / "result.json").read_text())
+    for k in ("final_val_acc_teacher", "final_val_acc_large"):
+        if k in res:
+            out[k] = res[k]
+    return out
+
+
+def build_report(args, results: dict[str, dict[int, dict]], command: str, elapsed: float) -> tuple[str, dict]:
+    kd = results.get("kd", {})
+    lines = [f"# Quality benchmark: {args.data}, {args.labels_per_class} labels/class, "
+             f"test {args.test_size} / val {args.val_size}, student test_resnet, {args.steps} steps", "",
+             f"Large teacher: {args.teacher_model}, {args.teacher_epochs} epochs on the labels "
+             f"(val {100 * args._teacher['val_acc']:.2f} %, test {100 * args._teacher['test_acc']:.2f} %).", "",
+             "| variant | test acc % (mean ± std) | val acc % (mean ± std) | paired test diff to kd (pts) "
+             "| n seeds |", "|---|---|---|---|---|"]
+    summary = {}
+    for spec, per_seed in results.items():
+        seeds = sorted(per_seed)
+        test = [100 * per_seed[s]["test_acc"] for s in seeds]
+        val = [100 * per_seed[s]["val_acc"] for s in seeds]
+        diff = [100 * (per_seed[s]["test_acc"] - kd[s]["test_acc"]) for s in seeds if s in kd]
+        diff_s = "–" if spec == "kd" or not diff else _ms(diff)
+        lines.append(f"| {spec} | {_ms(test)} | {_ms(val)} | {diff_s} | {len(seeds)} |")
+        summary[spec] = {"seeds": seeds, "test_acc": test, "val_acc": val, "diff_to_kd": diff,
+                         "config": parse_variant(spec)}
+    diag_lines = ["", "Reduced-teacher diagnostics (mean over seeds; entropies in nats, last 10 % of logged "
+                  "steps; teacher accuracies on val from the stored q_L):", "",
+                  "| variant | H(T) | H(q_L) | label flips | T labeled acc | T val acc | q_L val acc |",
+                  "|---|---|---|---|---|---|---|"]
+    any_diag = False
+    for spec, per_seed in results.items():
+        if parse_variant(spec)["mode"] != "reducedmpl":
+            continue
+        ds = [diagnostics(Path(args.out) / "distill" / folder_name(spec) / f"seed{s}") for s in per_seed]
+        mean = {k: statistics.mean(d[k] for d in ds if k in d) for k in ds[0]}
+        summary[spec]["diagnostics"] = mean
+        any_diag = True
+        f = lambda k, pct=False: (f"{100 * mean[k]:.1f}" if pct else f"{mean[k]:.3f}") if k in mean else "–"  # noqa
+        diag_lines.append(f"| {spec} | {f('entropy_teacher')} | {f('entropy_large')} | {f('flip_rate', True)} "
+                          f"| {f('train_acc_teacher', True)} | {f('final_val_acc_teacher', True)} "
+                          f"| {f('final_val_acc_large', True)} |")
+    if any_diag:
+        lines += diag_lines
+    lines += ["", f"Command: `{command}`", "", f"Wall time of this invocation: {elapsed / 60:.1f} min "
+              f"(cached runs are not recomputed)."]
+    return "\n".join(lines) + "\n", summary
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/quality")
+    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--test-size", type=int, default=4000)
+    p.add_argument("--val-size", type=int, default=1000)
+    p.add_argument("--labels-per-class", type=int, default=10)
+    p.add_argument("--teacher-model", default="resnet18")
+    p.add_argument("--teacher-epochs", type=int, default=100)
+    p.add_argument("--teacher-batch", type=int, default=50)
+    p.add_argument("--teacher-lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
+    p.add_argument("--jobs", type=int, default=1, help="distill runs in parallel (processes)")
+    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)), help="torch threads per process")
+    p.add_argument("--tag", default="quality", help="report name: OUT/TAG.md and OUT/TAG.json")
+    args = p.parse_args()
+    command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+    for spec in args.variants:
+        parse_variant(spec)
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    targets = teacher_and_targets(args)
+    import torch
+
+    args._teacher = torch.load(out / "large" / "teacher.pt", weights_only=True)["metrics"]
+
+    jobs = [(spec, s) for spec in args.variants for s in args.seeds]
+    results: dict[str, dict[int, dict]] = {spec: {} for spec in args.variants}
+    plain = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    done = 0
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        futs = {pool.submit(distill_one, plain, spec, s, str(targets)): (spec, s) for spec, s in jobs}
+        for fut in as_completed(futs):
+            spec, s = futs[fut]
+            r = fut.result()
+            results[spec][s] = r
+            done += 1
+            print(f"[{done}/{len(jobs)}] {spec} seed {s}: val {100 * r['val_acc']:.2f} test {100 * r['test_acc']:.2f} "
+                  f"({r['train_seconds']:.0f} s)", file=sys.stderr, flush=True)
+    if "kd" not in results:
+        results = {"kd": {}, **results}
+        for s in args.seeds:
+            kd_res = Path(args.out) / "distill" / "kd" / f"seed{s}" / "result.json"
+            if kd_res.exists():
+                results["kd"][s] = json.loads(kd_res.read_text())
+        if not results["kd"]:
+            del results["kd"]
+    md, summary = build_report(args, results, command, time.perf_counter() - t0)
+    (out / f"{args.tag}.md").write_text(md)
+    (out / f"{args.tag}.json").write_text(json.dumps({"command": command, "args": plain, "teacher": args._teacher,
+                                                      "variants": summary}, indent=1))
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
