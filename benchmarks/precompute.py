@@ -6,7 +6,9 @@ Prints ratios measured side by side in one run on this machine:
    writes, master file) over pure teacher inference - the same model, the same rows in the same batches,
    ``model(x)`` in a loop on batches made beforehand. A resnet18 teacher (random weights: speed does not depend on
    them) on the MNIST test images (``mnist:`` source, read in place), or scikit-learn digits where MNIST is
-   absent. Repeated, alternating which of the two runs first, and the median ratio reported (target <= 1.05);
+   absent. Repeated, alternating which of the two runs first, and the median ratio reported (target <= 1.05).
+   On a machine shared with other jobs wall times swing, so the CPU-time ratio and the ratio of precompute's
+   wall time to its own forward passes (same run, same conditions) are printed beside it;
 2. bytes per row of the store: dense float16 / float32 vs top-k, on disk for the benchmark's data and for a
    1000-class table;
 3. reader throughput on random 256-row batches of a simulated 1,281,167 x 1000 table (the logic of
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import shutil
 import statistics
 import tempfile
@@ -55,8 +58,8 @@ def make_teacher(folder: Path, spec: str, arch: str, seed: int) -> Path:
     return path
 
 
-def pure_inference(teacher: Path, batch_size: int) -> tuple[float, int]:
-    """Seconds of ``model(x)`` over every row precompute covers, in its batches, batches made beforehand."""
+def pure_inference(teacher: Path, batch_size: int) -> tuple[float, float, int]:
+    """Wall and CPU seconds of ``model(x)`` over every row precompute covers, in its batches made beforehand."""
     art = torch.load(teacher, weights_only=True)
     data = DataConfig(**art["data"])
     source = load_source(data.source)
@@ -65,55 +68,91 @@ def pure_inference(teacher: Path, batch_size: int) -> tuple[float, int]:
                       train=False, seed=0)
     batches = [x for x, _, _ in batcher.epoch(0)]
     model = model_from_artifact(art).eval()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():
         for x in batches:
             model(x)
-    return time.perf_counter() - start, len(rows)
+    return time.perf_counter() - start, time.process_time() - cpu, len(rows)
 
 
-def run_precompute(teacher: Path, out: Path, **settings) -> tuple[float, dict]:
-    """Wall time of the whole stage, as the CLI runs it."""
+class ForwardClock:
+    """Adds up the wall time of the teacher's forward passes inside precompute (wraps its ``predict_logits``)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def __enter__(self) -> "ForwardClock":
+        self._original = original = precompute.predict_logits
+
+        def clocked_predict(model, batches, *args):
+            forward = model.forward
+
+            def clocked(x):
+                start = time.perf_counter()
+                y = forward(x)
+                self.seconds += time.perf_counter() - start
+                return y
+
+            model.forward = clocked
+            try:
+                yield from original(model, batches, *args)
+            finally:
+                del model.forward
+
+        precompute.predict_logits = clocked_predict
+        return self
+
+    def __exit__(self, *exc) -> None:
+        precompute.predict_logits = self._original
+
+
+def run_precompute(teacher: Path, out: Path, **settings) -> tuple[float, float, dict]:
+    """Wall and CPU seconds of the whole stage as the CLI runs it (interpreter start and imports excluded)."""
     cfg = PrecomputeConfig(**settings)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     source = precompute.open_teacher(teacher)
     cfg.data = DataConfig(**source.recorded_data)
     cfg.validate()
     result = precompute.run(cfg, source, out, overwrite=True, quiet=True)
-    return time.perf_counter() - start, result
+    return time.perf_counter() - start, time.process_time() - cpu, result
 
 
-def bench_overhead(folder: Path, teacher: Path, batch_size: int, repeats: int) -> None:
+def bench_overhead(folder: Path, teacher: Path, batch_size: int, repeats: int) -> dict[str, float]:
+    """Median ratios; returns the bytes per row of the stores it wrote (dense float16 and float32)."""
     pure_inference(teacher, batch_size)  # warm-up: page cache, allocator, oneDNN kernels
-    run_precompute(teacher, folder / "warm" / "targets.h5", batch_size=batch_size)
-    ratios, pures, stages = [], [], []
+    _, _, warm = run_precompute(teacher, folder / "warm" / "targets.h5", batch_size=batch_size, dtype="float32")
+    ratios, cpu_ratios, inside, pures, stages = [], [], [], [], []
     for r in range(repeats):
         order = ("pure", "stage") if r % 2 == 0 else ("stage", "pure")
-        took = {}
+        wall, cpu = {}, {}
         for what in order:
             if what == "pure":
-                took["pure"], rows = pure_inference(teacher, batch_size)
+                wall["pure"], cpu["pure"], rows = pure_inference(teacher, batch_size)
             else:
-                took["stage"], _ = run_precompute(teacher, folder / "o" / "targets.h5", batch_size=batch_size)
-        pures.append(took["pure"])
-        stages.append(took["stage"])
-        ratios.append(took["stage"] / took["pure"])
-        print(f"  round {r + 1} ({' then '.join(order)}): pure inference {took['pure']:.2f} s, "
-              f"precompute {took['stage']:.2f} s, ratio {ratios[-1]:.3f}")
+                with ForwardClock() as clock:
+                    wall["stage"], cpu["stage"], result = run_precompute(teacher, folder / "o" / "targets.h5",
+                                                                         batch_size=batch_size)
+        pures.append(wall["pure"])
+        stages.append(wall["stage"])
+        ratios.append(wall["stage"] / wall["pure"])
+        cpu_ratios.append(cpu["stage"] / cpu["pure"])
+        inside.append(wall["stage"] / clock.seconds)
+        print(f"  round {r + 1} ({' then '.join(order)}): pure inference {wall['pure']:.2f} s, "
+              f"precompute {wall['stage']:.2f} s (forward {clock.seconds:.2f} s of it); wall ratio {ratios[-1]:.3f}, "
+              f"CPU-time ratio {cpu_ratios[-1]:.3f}, precompute / its own forward {inside[-1]:.3f}")
     ratio = statistics.median(ratios)
     verdict = "OK" if ratio <= TARGET_OVERHEAD else "ABOVE TARGET"
-    print(f"precompute / pure inference: median {ratio:.3f} (target <= {TARGET_OVERHEAD}) {verdict}; "
-          f"{rows:,} rows, median {rows / statistics.median(stages):,.0f} rows/s through precompute, "
+    print(f"precompute / pure inference wall time: median {ratio:.3f} (target <= {TARGET_OVERHEAD}) {verdict}; "
+          f"CPU time: median {statistics.median(cpu_ratios):.3f}; precompute / its own forward passes: median "
+          f"{statistics.median(inside):.3f}; {rows:,} rows, median "
+          f"{rows / statistics.median(stages):,.0f} rows/s through precompute, "
           f"{rows / statistics.median(pures):,.0f} rows/s bare")
+    return {"dense float16": result["bytes"] / result["rows"], "dense float32": warm["bytes"] / warm["rows"]}
 
 
-def bench_bytes(folder: Path, teacher: Path, batch_size: int, classes: int) -> None:
-    sizes = {}
-    for label, settings in [("dense float16", dict(dtype="float16")), ("dense float32", dict(dtype="float32")),
-                            ("top-3 float16", dict(dtype="float16", topk=3))]:
-        _, result = run_precompute(teacher, folder / label.replace(" ", "-") / "targets.h5", batch_size=batch_size,
-                                   **settings)
-        sizes[label] = result["bytes"] / result["rows"]
+def bench_bytes(folder: Path, teacher: Path, batch_size: int, classes: int, sizes: dict[str, float]) -> None:
+    _, _, result = run_precompute(teacher, folder / "topk" / "targets.h5", batch_size=batch_size, topk=3)
+    sizes = {**sizes, "top-3 float16": result["bytes"] / result["rows"]}
     print(f"bytes/row on disk, this data ({classes} classes, id/label/split and HDF5 overhead included): "
           + ", ".join(f"{k} {v:.1f}" for k, v in sizes.items()))
     k, c = 10, 1000
@@ -140,6 +179,14 @@ def bench_reader(folder: Path, rows: int, classes: int, batches: int) -> None:
                   f"(>= {reader.TARGET_ROWS_PER_S:,}); {store.nbytes / rows:.1f} B/row in RAM, {on_disk:.1f} on disk")
 
 
+def _load() -> str:
+    """The load average against the core count: other processes make wall times (and ratios) noisy."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    note = "" if load < 0.5 * cores else (" - BUSY: other processes compete for the cores, wall-time ratios are "
+                                          "noisy; compare CPU time, the in-run ratio, or rerun with --threads 1")
+    return f"load average {load:.1f} on {cores} cores{note}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=f"mnist:{MNIST}" if MNIST.is_dir() else "digits")
@@ -149,8 +196,11 @@ def main() -> None:
     parser.add_argument("--reader-rows", type=int, default=1_281_167)
     parser.add_argument("--reader-classes", type=int, default=1000)
     parser.add_argument("--reader-batches", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--no-reader", action="store_true", help="skip the reader benchmark")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     folder = Path(tempfile.mkdtemp(prefix="precompute-bench-"))
     try:
@@ -158,12 +208,12 @@ def main() -> None:
         teacher = make_teacher(folder, args.data, args.model, 0)
         classes = torch.load(teacher, weights_only=True)["num_classes"]
         print(f"teacher {args.model} (random weights) on {args.data}; batch size {args.batch_size}; "
-              f"{torch.get_num_threads()} torch threads; {args.repeats} rounds")
-        bench_overhead(folder, teacher, args.batch_size, args.repeats)
-        bench_bytes(folder, teacher, args.batch_size, classes)
+              f"{torch.get_num_threads()} torch threads; {args.repeats} rounds; {_load()}")
+        sizes = bench_overhead(folder, teacher, args.batch_size, args.repeats)
+        bench_bytes(folder, teacher, args.batch_size, classes, sizes)
         if not args.no_reader:
             bench_reader(folder / "reader", args.reader_rows, args.reader_classes, args.reader_batches)
-        print(f"total {time.perf_counter() - t0:.0f} s")
+        print(f"total {time.perf_counter() - t0:.0f} s; {_load()}")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -190,7 +190,7 @@ def precompute(
 @app.command("inspect")
 @handle_errors
 def inspect(
-    path: Annotated[Path, typer.Argument(help="targets.h5 (or its folder), teacher.pt or student.pt.")],
+    path: Annotated[Path, typer.Argument(help="targets.h5 (or its folder), teacher.pt, student.pt or reduced_teacher.pt.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Show what an artifact holds and check that it is sound (exit 1 when it is not)."""
@@ -203,6 +203,45 @@ def inspect(
         insp.render(report, out_console)
     if report["problems"]:
         raise typer.Exit(1)
+
+
+@app.command("run")
+@handle_errors
+def run_pipeline(
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML file, e.g. pipelines/digits.yaml.")],
+    set_: SetOpt = None,
+    force: Annotated[Optional[list[str]], typer.Option(
+        "--force", help="Rerun a stage and those after it: train_large, precompute, distill or a distill "
+                        "folder label such as distill-kd-0 (repeatable).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (stage, key, status, output) and "
+                                                            "exit without computing.")] = False,
+    out_root: Annotated[Path, typer.Option("--out-root", help="Folder of the run folders.")] = Path("runs"),
+    quiet: QuietOpt = False,
+) -> None:
+    """Run train-large, precompute and the distill runs of a pipeline, cached by key; then compare and report."""
+    from .pipeline import run_pipeline as run_all
+
+    try:
+        run_all(pipeline, set_ or (), force=force or (), dry_run=dry_run, out_root=out_root, console=out_console,
+                stage_console=err_console, quiet=quiet)
+    except KeyboardInterrupt:
+        err_console.print("interrupted: finished stages are kept; run the same command again to resume")
+        raise typer.Exit(130)
+
+
+@app.command("report")
+@handle_errors
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder written by `reducedmpl run` (runs/NAME).")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder of the report (default: "
+                                                                    "RUN_DIR/report).")] = None,
+) -> None:
+    """Write the comparison table and the PNG plots of a finished run, with a report.md that shows them."""
+    from . import report as rep
+
+    written = rep.write_report(run_dir, out, console=err_console)
+    out_console.print(rep.comparison_table(written.summaries, written.baseline))
+    out_console.print(f"report: {written.path}", highlight=False)
 
 
 def _pct(x: float | None) -> str:

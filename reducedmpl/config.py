@@ -188,7 +188,7 @@ class DistillConfig:
     exact_method: Literal["jvp", "fd"] = "jvp"
     mpl_weight: float = 1.0
     supervised_weight: float = 1.0
-    kl_weight: float = 0.0  # KL(T || q_L): keeps the reduced teacher near the large teacher's dark knowledge
+    kl_weight: float = 0.0  # KL(q_L || T): keeps the reduced teacher near the large teacher's dark knowledge
     baseline_decay: float | None = 0.9  # moving-average baseline of h (None: none)
     label_smoothing: float = 0.0  # on the labeled CE terms
     kd_temperature: float = 1.0
@@ -234,8 +234,36 @@ class DistillConfig:
         _check_device(self.device)
 
 
+@dataclass
+class CompareConfig:
+    """``compare`` section of a pipeline: distill runs (each a set of distill overrides) times seeds."""
+
+    seeds: list[int] | None = None  # None: the distill section's seed
+    runs: list[dict[str, Any]] = field(default_factory=list)  # [{name: kd, mode: kd, ...}, ...]
+    baseline: str | None = None  # run for the paired differences; None: the run named kd, else the first kd run
+
+    def validate(self) -> None:
+        _check(self.seeds is None or (len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds)),
+               "compare.seeds must list each seed at most once and not be empty")
+        _check(len(self.runs) > 0, "compare.runs must list at least one run, e.g. [{name: kd, mode: kd}]")
+        names = []
+        for i, run in enumerate(self.runs):
+            where = f"compare.runs[{i}]"
+            _check(isinstance(run, dict), f"{where} must be a mapping like {{name: kd, mode: kd}}")
+            name = run.get("name")
+            _check(isinstance(name, str) and name.replace("_", "").replace(".", "").isalnum(),
+                   f"{where}.name must be a name of letters, digits, '_' or '.' (got {name!r})")
+            _check(name not in names, f"compare.runs: the name {name!r} is used twice")
+            _check("seed" not in run, f"{where}.seed: seeds come from compare.seeds")
+            names.append(name)
+            overrides = {k: v for k, v in run.items() if k != "name"}
+            from_dict(DistillConfig, overrides, f"{where}")  # unknown keys and wrong types
+        _check(self.baseline is None or self.baseline in names,
+               f"compare.baseline {self.baseline!r} is not a run name ({_nearest(str(self.baseline), names)})")
+
+
 SECTIONS: dict[str, type] = {"train_large": TrainLargeConfig, "precompute": PrecomputeConfig,
-                             "distill": DistillConfig}
+                             "distill": DistillConfig, "compare": CompareConfig}
 
 
 # ------------------------------------------------------------------------------------------------ conversion

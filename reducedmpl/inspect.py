@@ -7,6 +7,7 @@ Every report has ``kind`` and ``problems``: an empty list means the artifact is 
   teacher's accuracy / entropy / calibration, NaN/Inf, shard completeness and provenance.
 * ``teacher.pt`` / ``student.pt``: what the artifact records, and a soundness check - its state dict loads
   strictly into the timm model it names and every weight is finite.
+* ``reduced_teacher.pt``: its shape and provenance; it loads strictly into a ``ReducedTeacher`` of that shape.
 """
 from __future__ import annotations
 
@@ -87,6 +88,8 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     obj = safe_load(path, what="artifact")
     kind = obj.get("kind") if isinstance(obj, dict) else None
+    if kind == "reduced_teacher":
+        return inspect_reduced_teacher(path, obj)
     if kind not in ARTIFACT_KINDS:
         found = f"kind {kind!r}" if isinstance(obj, dict) else type(obj).__name__
         raise UserError(f"{path} is neither a targets store nor a reducedmpl teacher/student artifact ({found})",
@@ -126,6 +129,62 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
     if problem:
         problems.append(problem)
     return report
+
+
+REDUCED_TEACHER_KEYS = ("kind", "state_dict", "num_classes", "config", "targets_run_key", "tool_version")
+
+
+def inspect_reduced_teacher(path: Path, obj: dict) -> dict[str, Any]:
+    """What a ``reduced_teacher.pt`` (written by ``distill --mode reducedmpl``) records, and whether its weights
+    are finite and load strictly into :class:`reducedmpl.mpl.ReducedTeacher` of its recorded shape."""
+    import torch
+
+    from .mpl import ReducedTeacher
+
+    problems: list[str] = []
+    missing = [k for k in REDUCED_TEACHER_KEYS if k not in obj]
+    if missing:
+        problems.append(f"lacks {', '.join(missing)}")
+    config = obj.get("config") if isinstance(obj.get("config"), dict) else {}
+    report: dict[str, Any] = {
+        "kind": "reduced_teacher", "path": str(path), "num_classes": obj.get("num_classes"), "config": config,
+        "targets_run_key": obj.get("targets_run_key"), "tool_version": obj.get("tool_version"),
+        "parameters": None, "nonfinite_values": None, "temperature": None, "problems": problems,
+    }
+    sd = obj.get("state_dict")
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        problems.append("state_dict is missing or is not a mapping of tensors")
+        return report
+    report["parameters"] = int(sum(v.numel() for v in sd.values() if v.is_floating_point()))
+    report["nonfinite_values"] = int(sum(int((~torch.isfinite(v)).sum()) for v in sd.values()
+                                         if v.is_floating_point()))
+    if report["nonfinite_values"]:
+        problems.append(f"{report['nonfinite_values']} NaN/Inf weight values")
+    try:
+        model = ReducedTeacher(int(obj["num_classes"]), **{k: config[k] for k in
+                                                          ("hidden", "depth", "extra_features", "learn_temperature")
+                                                          if k in config})
+        model.load_state_dict(sd, strict=True)
+        report["temperature"] = model.temperature
+    except Exception as e:  # noqa: BLE001 - any failure is a finding, not a crash
+        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+        problems.append(f"state_dict does not load strictly into a ReducedTeacher of the recorded shape: "
+                        f"{first[:160]}")
+    return report
+
+
+def _reduced_teacher_rows(r: dict) -> list[tuple[str, str]]:
+    config = r.get("config") or {}
+    return [
+        ("path", r["path"]), ("kind", "reduced teacher (MLP over the large teacher's log-probabilities)"),
+        ("classes", str(r.get("num_classes"))),
+        ("shape", ", ".join(f"{k} {v}" for k, v in config.items()) or "n/a"),
+        ("temperature", "n/a" if r.get("temperature") is None else f"{r['temperature']:.4g}"),
+        ("targets run key", str(r.get("targets_run_key"))[:12]),
+        ("parameters", "n/a" if r.get("parameters") is None else f"{r['parameters']:,}"),
+        ("NaN/Inf values", "n/a" if r.get("nonfinite_values") is None else f"{r['nonfinite_values']:,}"),
+        ("tool version", str(r.get("tool_version"))),
+    ]
 
 
 def _strict_load_problem(sd: dict, report: dict, prep: dict) -> str | None:
@@ -178,7 +237,7 @@ def _store_rows(r: dict) -> list[tuple[str, str]]:
     rows += [
         ("rows", f"{r['rows']:,}  (" + ", ".join(f"{k} {v:,}" for k, v in per_split.items()) + ")"
          if r.get("rows") is not None else "n/a"),
-        ("teacher accuracy", f"{_pct(r.get('teacher_accuracy'))} on {r.get('labeled_rows', 0):,} labeled rows"),
+        ("teacher accuracy", f"{_pct(r.get('teacher_accuracy'))} on {r.get('labeled_rows', 0):,} rows with labels"),
         ("mean entropy", "n/a" if r.get("mean_entropy") is None else f"{r['mean_entropy']:.4f} nats"),
         ("ECE (15 bins)", "n/a" if r.get("ece") is None else f"{r['ece']:.4f}"),
         ("NaN/Inf values", "n/a" if r.get("nonfinite_values") is None else f"{r['nonfinite_values']:,}"),
@@ -221,7 +280,8 @@ def render(report: dict, console: Console) -> None:
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
-    rows = _store_rows(report) if report["kind"] == "targets" else _artifact_rows(report)
+    rows = _store_rows(report) if report["kind"] == "targets" else \
+        _reduced_teacher_rows(report) if report["kind"] == "reduced_teacher" else _artifact_rows(report)
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)

@@ -23,10 +23,8 @@ LOGGED = {"student_loss", "teacher_loss", "h", "baseline", "flip_rate", "entropy
 
 def test_example_command_end_to_end(tiny_targets, tmp_path):
     out = tmp_path / "distill"
-    t0 = time.perf_counter()
     r = cli("distill", "--targets", tiny_targets, "--student", "test_resnet", "--steps", "200", "--out", out,
             "--teacher-grad", "reinforce", "--quiet")
-    assert time.perf_counter() - t0 < 60
     assert "test acc" in r.stdout
     art = torch.load(out / "student.pt", weights_only=True)
     assert art["kind"] == "student" and art["arch"] == "test_resnet"

@@ -21,6 +21,15 @@ from reducedmpl.models import file_sha256, model_from_artifact
 from reducedmpl.targets import SPLIT_NAMES, TargetStore
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from two threads, and on a busy 2-core machine they lose a lot (OpenMP waits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _art(teacher: Path) -> dict:
     return torch.load(teacher, weights_only=True)
 
@@ -166,32 +175,26 @@ def test_model_and_checkpoint_teacher(tiny_teacher: Path, tmp_path: Path) -> Non
 def test_killed_run_resumes_to_the_same_store(tiny_teacher: Path, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     args = ["precompute", "--teacher", tiny_teacher, "--batch-size", "2", "--shards", "8", "--quiet"]
-    # one thread everywhere: identical arithmetic in the subprocess and here, and fast tiny batches
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        cli(*args, "--out", tmp_path / "full" / "targets.h5")
-        cut = tmp_path / "cut" / "targets.h5"
-        proc = cli_subprocess(*args, "--out", cut)
-        first = tmp_path / "cut" / "targets-00000-of-00008.h5"
-        deadline = time.time() + 120
-        while time.time() < deadline and not first.exists() and proc.poll() is None:
-            time.sleep(0.002)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        assert first.exists(), proc.stderr.read()
-        assert not cut.exists(), "killed after the first shard, yet the master exists"
-        with pytest.raises(ArtifactError):
-            TargetStore.open(cut)
-        r = cli("inspect", cut, check=False)
-        assert r.exit_code == 1 and "interrupted" in r.stdout
-        stale = tmp_path / "cut" / ".targets-00007-of-00008.h5.tmp"
-        stale.write_bytes(b"half a shard")  # as a kill mid-shard leaves behind
-        r = cli(*args, "--out", cut)
-        assert "already complete" in r.stderr and not list((tmp_path / "cut").glob(".*.tmp"))
-    finally:
-        torch.set_num_threads(threads)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one thread there as here: the same arithmetic
+    cli(*args, "--out", tmp_path / "full" / "targets.h5")
+    cut = tmp_path / "cut" / "targets.h5"
+    proc = cli_subprocess(*args, "--out", cut)
+    first = tmp_path / "cut" / "targets-00000-of-00008.h5"
+    deadline = time.time() + 120
+    while time.time() < deadline and not first.exists() and proc.poll() is None:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first.exists(), proc.stderr.read()
+    assert not cut.exists(), "killed after the first shard, yet the master exists"
+    with pytest.raises(ArtifactError):
+        TargetStore.open(cut)
+    r = cli("inspect", cut, check=False)
+    assert r.exit_code == 1 and "interrupted" in r.stdout
+    stale = tmp_path / "cut" / ".targets-00007-of-00008.h5.tmp"
+    stale.write_bytes(b"half a shard")  # as a kill mid-shard leaves behind
+    r = cli(*args, "--out", cut)
+    assert "already complete" in r.stderr and not list((tmp_path / "cut").glob(".*.tmp"))
     _assert_same(_files(tmp_path / "full"), _files(tmp_path / "cut"))
     with TargetStore.open(cut) as store:
         assert store.num_rows == 1797
@@ -225,6 +228,11 @@ def test_data_mismatch_and_bad_settings(tiny_teacher: Path, tmp_path: Path) -> N
     r = cli("precompute", "--teacher", tmp_path / "teacher.pt", "--out", tmp_path / "a.h5", check=False)
     assert_one_line_error(r, "other data", "labeled")
     assert not (tmp_path / "a.h5").exists()
+    # a teacher whose weights do not fit its architecture
+    sd = {k: v for k, v in art["state_dict"].items() if k != "fc.bias"}
+    torch.save(dict(art, state_dict=sd), tmp_path / "broken.pt")
+    r = cli("precompute", "--teacher", tmp_path / "broken.pt", "--out", tmp_path / "a.h5", check=False)
+    assert_one_line_error(r, "do not fit 'test_resnet'")
     # other data asked for explicitly: allowed, and the store records that data and its fingerprints
     r = cli("precompute", "--teacher", tiny_teacher, "--data", "digits", "--set", "data.split_seed=5",
             "--out", tmp_path / "b.h5", "--quiet")

@@ -13,9 +13,7 @@ FAST = ["--data", "digits", "--model", "test_resnet", "--quiet"]
 
 def test_example_command_writes_a_teacher_that_timm_loads(tmp_path):
     out = tmp_path / "runs" / "t"
-    t0 = time.perf_counter()
     r = cli("train-large", "--data", "digits", "--model", "test_resnet", "--epochs", "3", "--out", out)
-    assert time.perf_counter() - t0 < 60
     assert "val acc" in r.stdout
     art = torch.load(out / "teacher.pt", weights_only=True)
     assert art["kind"] == "teacher" and art["arch"] == "test_resnet" and art["num_classes"] == 10
