@@ -14,7 +14,7 @@ Prints ratios measured side by side in one run on this machine:
 3. reader throughput on random 256-row batches of a simulated 1,281,167 x 1000 table (the logic of
    ``benchmarks/targets_reader.py``): dense and top-k in memory (target >= 50,000 rows/s).
 
-    python benchmarks/precompute.py [--data mnist:DIR] [--repeats 3] [--reader-rows 1281167] [--no-reader]
+    python benchmarks/precompute.py [--data mnist:DIR] [--repeats 5] [--reader-rows 1281167] [--no-reader]
 """
 from __future__ import annotations
 
@@ -192,7 +192,7 @@ def main() -> None:
     parser.add_argument("--data", default=f"mnist:{MNIST}" if MNIST.is_dir() else "digits")
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--reader-rows", type=int, default=1_281_167)
     parser.add_argument("--reader-classes", type=int, default=1000)
     parser.add_argument("--reader-batches", type=int, default=200)

@@ -321,8 +321,8 @@ def compute_shard(model: nn.Module, batcher: Batcher | None, rows: Rows, start: 
             if not np.array_equal(ids.numpy(), rows.ids[sl]):
                 raise RuntimeError("batches came out of row order")  # a bug, never a user error
             logits = logits.numpy()
-            out.append(rows.ids[sl], rows.labels[sl], rows.splits[sl], logits)
             tally.add(logits.argmax(axis=1), rows.labels[sl], rows.splits[sl])
+            out.append(rows.ids[sl], rows.labels[sl], rows.splits[sl], logits)  # last: straight back to the model
             pos += n
             advance(n)
 
@@ -392,13 +392,15 @@ def run(cfg: PrecomputeConfig, teacher: Teacher, out: str | Path | None = None, 
                           "run `reducedmpl precompute` without torchrun (use --device cuda for a GPU)")
     out = resolve_out(out, teacher)
     device = resolve_device(cfg.device)
-    with ThreadPoolExecutor(1) as pool:
-        sha_future = pool.submit(file_sha256, teacher.path)  # hashing a large teacher overlaps the data setup
-        data = setup_data(cfg, teacher, console)
+    with ThreadPoolExecutor(2) as pool:  # hashing the teacher and loading the data overlap building the model
+        sha_future = pool.submit(file_sha256, teacher.path)
+        data_future = pool.submit(setup_data, cfg, teacher, console)
         if teacher.artifact is not None:
             prep = Preprocess.from_dict(teacher.artifact["preprocess"])
             model, class_names = teacher_model(teacher), list(teacher.artifact["class_names"])
+            data = data_future.result()
         else:
+            data = data_future.result()
             prep = default_preprocess(data.source, data.splits.indices["labeled"], data.config)
             model, prep = _teacher_from_weights(teacher, data.source, prep)
             class_names = list(data.source.class_names)
