@@ -116,6 +116,28 @@ def prepare_out_dir(out: str | Path, artifact: str, resume: bool, overwrite: boo
     return out
 
 
+def resume_state(out: Path, artifact: str, resume: bool, config: dict) -> dict | None:
+    """The ``last.pt`` state to continue from with ``--resume`` (None: start from the beginning).
+
+    Refuses a folder with no run, a finished run, and a run started with other settings."""
+    if not resume:
+        return None
+    from .models import safe_load
+
+    last = out / "last.pt"
+    if not (out / "config.yaml").exists():
+        raise UserError(f"there is no run to resume in {out}", "drop --resume to start a new run there")
+    if (out / artifact).exists() and not last.exists():
+        raise UserError(f"{out} holds a finished run", "pass --overwrite to run it again")
+    if not last.exists():
+        return None  # interrupted before its first checkpoint
+    state = safe_load(last, what="resume checkpoint")
+    if state.get("config") != config:
+        raise UserError(f"the run in {out} was started with other settings",
+                        "resume with the same settings, or pass --overwrite to start again")
+    return state
+
+
 def write_config(out: Path, config: dict) -> None:
     tmp = out / ".config.yaml.tmp"
     tmp.write_text(yaml.safe_dump(config, sort_keys=False))

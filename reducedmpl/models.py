@@ -7,7 +7,6 @@ checkpoint_path=PATH)``: the weights sit under ``state_dict``, which timm finds 
 from __future__ import annotations
 
 import difflib
-import hashlib
 import os
 import pickle
 import zipfile
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import ArtifactError, ConfigError
+from .targets import file_sha256  # noqa: F401 - re-exported for the stages
 
 
 def check_model_name(name: str) -> None:
@@ -141,14 +141,6 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 ARTIFACT_KEYS = ("kind", "state_dict", "arch", "num_classes", "in_chans", "preprocess", "class_names",

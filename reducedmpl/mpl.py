@@ -119,7 +119,7 @@ class ReducedTeacher(nn.Module):
     @property
     def temperature(self) -> float:
         """Current output temperature (1.0 when not learned)."""
-        return 1.0 if self.log_temperature is None else float(self.log_temperature.exp())
+        return 1.0 if self.log_temperature is None else float(self.log_temperature.detach().exp())
 
 
 # --------------------------------------------------------------------------- losses

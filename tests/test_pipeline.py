@@ -6,7 +6,6 @@ on a copy of its run folder.
 import json
 import math
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import MNIST_DIR, REPO, assert_one_line_error, cli
+from conftest import REPO, assert_one_line_error, cli
 from reducedmpl.report import aggregate, comparison_markdown, mean_std
 
 TINY = {
@@ -297,7 +296,7 @@ def test_inspect_reduced_teacher(tiny, tmp_path):
 # ---------------------------------------------------------------------------------------------- pipeline files
 @pytest.mark.parametrize("name, sets", [
     ("digits", []),
-    ("mnist", [f"data.source=mnist:{MNIST_DIR}"]),
+    ("mnist", ["data.source=mnist:{data}"]),
     ("cifar10", ["data.source=cifar10:{data}", "train_large.init=checkpoint:{ckpt}"]),
     ("imagenet", ["data.source=folder:{data}", "train_large.init=checkpoint:{ckpt}"]),
 ])

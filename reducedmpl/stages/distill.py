@@ -34,8 +34,8 @@ from ..data.loading import Batcher, BatchStream, default_preprocess
 from ..data.sources import load_source
 from ..data.splits import make_splits
 from ..engine import (MetricsLog, autocast, create_optimizer, create_scheduler, evaluate, grad_scaler,
-                      prepare_model, prepare_out_dir, progress, resolve_device, rng_state, seed_everything,
-                      set_rng_state, to_device, write_config)
+                      prepare_model, prepare_out_dir, progress, resolve_device, resume_state, rng_state,
+                      seed_everything, set_rng_state, to_device, write_config)
 from ..errors import ArtifactError, UserError
 from ..models import atomic_save, check_model_name, create_model, safe_load
 from ..targets import TargetStore
@@ -392,17 +392,7 @@ def _run(cfg, data, store, device, out, resume, overwrite, console, quiet) -> di
     config_dict = {**to_dict(cfg), "targets": str(store.path),
                    "targets_run_key": store.meta.run_key}
     last_path = out / "last.pt"
-    state = None
-    if resume:
-        if not (out / "config.yaml").exists():
-            raise UserError(f"there is no run to resume in {out}", "drop --resume to start a new run there")
-        if (out / ARTIFACT).exists() and not last_path.exists():
-            raise UserError(f"{out} holds a finished run", "pass --overwrite to run again")
-        if last_path.exists():
-            state = safe_load(last_path, what="resume checkpoint")
-            if state.get("config") != config_dict:
-                raise UserError(f"the run in {out} was started with other settings",
-                                "resume with the same settings, or pass --overwrite to start again")
+    state = resume_state(out, ARTIFACT, resume, config_dict)
 
     d = Distiller(cfg, data, store, device)
     rows = data.splits.indices

@@ -20,9 +20,9 @@ from ..data.loading import Batcher, Preprocess, default_preprocess
 from ..data.sources import Source, load_source
 from ..data.splits import Splits, make_splits
 from ..engine import (MetricsLog, Throughput, autocast, create_optimizer, create_scheduler, evaluate,
-                      grad_scaler, prepare_model, prepare_out_dir, progress, resolve_device, rng_state,
-                      seed_everything, set_rng_state, to_device, write_config)
-from ..errors import ArtifactError, UserError
+                      grad_scaler, prepare_model, prepare_out_dir, progress, resolve_device, resume_state,
+                      rng_state, seed_everything, set_rng_state, to_device, write_config)
+from ..errors import ArtifactError
 from ..models import atomic_save, check_model_name, create_model, load_weights, safe_load
 
 ARTIFACT = "teacher.pt"
@@ -86,17 +86,7 @@ def run(cfg: TrainLargeConfig, out: str | Path, *, resume: bool = False, overwri
     config_dict = to_dict(cfg)
 
     last_path = out / "last.pt"
-    state = None
-    if resume:
-        if not (out / "config.yaml").exists():
-            raise UserError(f"there is no run to resume in {out}", "drop --resume to start a new run there")
-        if (out / ARTIFACT).exists() and not last_path.exists():
-            raise UserError(f"{out} holds a finished run", "pass --overwrite to train again")
-        if last_path.exists():
-            state = safe_load(last_path, what="resume checkpoint")
-            if state.get("config") != config_dict:
-                raise UserError(f"the run in {out} was started with other settings",
-                                "resume with the same settings, or pass --overwrite to start again")
+    state = resume_state(out, ARTIFACT, resume, config_dict)
 
     seed_everything(cfg.seed)
     model = create_model(cfg.model, data.source.num_classes, data.prep.in_chans, input_size=data.prep.input_size,
