@@ -185,7 +185,7 @@ class DistillConfig:
     reduced_teacher: ReducedTeacherConfig = field(default_factory=ReducedTeacherConfig)
     teacher_grad: Literal["exact", "reinforce"] = "exact"
     pseudo_label: Literal["sample", "argmax"] = "sample"  # hard labels of `reinforce`
-    exact_method: Literal["jvp", "fd"] = "jvp"
+    exact_method: Literal["fd", "jvp"] = "fd"  # fd: one extra forward, reusing the training forward
     mpl_weight: float = 1.0
     supervised_weight: float = 1.0
     kl_weight: float = 0.0  # KL(q_L || T): keeps the reduced teacher near the large teacher's dark knowledge

@@ -171,6 +171,22 @@ def test_model_and_checkpoint_teacher(tiny_teacher: Path, tmp_path: Path) -> Non
     assert not (tmp_path / "x.h5").exists()
 
 
+def test_prefetched_batches_come_in_order() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from reducedmpl.stages.precompute import _prefetched
+
+    source = load_source("digits")
+    prep = Preprocess(1, 8, (0.3,), (0.4,))
+    batcher = Batcher(source, np.arange(0, 1797, 3), prep, DataConfig(), batch_size=50, train=False, seed=0)
+    with ThreadPoolExecutor(1) as pool:
+        got = list(_prefetched(batcher, pool))
+    want = list(batcher.epoch(0))
+    assert len(got) == len(want) == 12
+    for a, b in zip(got, want):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
 # ----------------------------------------------------------------------------------------------- crash safety
 def test_killed_run_resumes_to_the_same_store(tiny_teacher: Path, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
