@@ -60,9 +60,9 @@ def test_modes_run_on_the_same_loop(tiny_targets, tmp_path, mode, extra):
 
 
 def test_resume_after_kill_gives_the_same_student(tiny_targets, tmp_path):
-    args = ["distill", "--targets", tiny_targets, "--steps", "120", "--teacher-grad", "reinforce", "--quiet",
+    args = ["distill", "--targets", tiny_targets, "--steps", "80", "--teacher-grad", "reinforce", "--quiet",
             "--set", "distill.checkpoint_every=10", "--set", "distill.ema=true", "--set", "distill.finetune_steps=10",
-            "--set", "data.randaugment=rand-m5-n1"]
+            "--set", "data.hflip=true"]
     cli(*args, "--out", tmp_path / "full")
     proc = cli_subprocess(*args, "--out", tmp_path / "cut")
     last = tmp_path / "cut" / "last.pt"
