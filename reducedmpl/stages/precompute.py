@@ -350,8 +350,9 @@ def setup_data(cfg: PrecomputeConfig, teacher: Teacher, console: Console) -> Dat
     else:
         differs = [k for k, fp in splits.fingerprints.items() if art["data_fingerprints"].get(k) != fp]
         if differs:
+            leak = " (the teacher may have seen some val/test rows)" if {"val", "test"} & set(differs) else ""
             console.print(f"note: splits {', '.join(differs)} differ from the data the teacher was trained on; "
-                          f"the store records the new fingerprints (the teacher may have seen some val/test rows)")
+                          f"the store records the new fingerprints{leak}")
     return DataSetup(cfg.data, source, splits)
 
 
