@@ -7,8 +7,9 @@ Prints ratios measured side by side in one run on this machine:
    ``model(x)`` in a loop on batches made beforehand. A resnet18 teacher (random weights: speed does not depend on
    them) on the MNIST test images (``mnist:`` source, read in place), or scikit-learn digits where MNIST is
    absent. Repeated, alternating which of the two runs first, and the median ratio reported (target <= 1.05).
-   On a machine shared with other jobs wall times swing, so the CPU-time ratio and the ratio of precompute's
-   wall time to its own forward passes (same run, same conditions) are printed beside it;
+   Beside it: the CPU-time ratio, and precompute's time split into setup (before the first forward pass), loop
+   and tail (after the last), with the loop over pure inference - the per-row overhead. On a machine shared with
+   other jobs wall times swing; the script says how busy the cores were;
 2. bytes per row of the store: dense float16 / float32 vs top-k, on disk for the benchmark's data and for a
    1000-class table;
 3. reader throughput on random 256-row batches of a simulated 1,281,167 x 1000 table (the logic of
@@ -20,21 +21,23 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from reducedmpl.config import DataConfig, PrecomputeConfig, to_dict
 from reducedmpl.data.loading import Batcher, Preprocess, default_preprocess
 from reducedmpl.data.sources import load_source
 from reducedmpl.data.splits import make_splits
-from reducedmpl.models import atomic_save, create_model, model_from_artifact
+from reducedmpl.models import atomic_save, create_model
 from reducedmpl.stages import precompute
 from reducedmpl.stages.train_large import DataSetup, build_artifact
 from reducedmpl.targets import TargetStore
@@ -58,7 +61,7 @@ def make_teacher(folder: Path, spec: str, arch: str, seed: int) -> Path:
     return path
 
 
-def pure_inference(teacher: Path, batch_size: int) -> tuple[float, float, int]:
+def pure_inference(teacher: Path, batch_size: int) -> dict[str, float]:
     """Wall and CPU seconds of ``model(x)`` over every row precompute covers, in its batches made beforehand."""
     art = torch.load(teacher, weights_only=True)
     data = DataConfig(**art["data"])
@@ -67,19 +70,20 @@ def pure_inference(teacher: Path, batch_size: int) -> tuple[float, float, int]:
     batcher = Batcher(source, rows.ids, Preprocess.from_dict(art["preprocess"]), data, batch_size=batch_size,
                       train=False, seed=0)
     batches = [x for x, _, _ in batcher.epoch(0)]
-    model = model_from_artifact(art).eval()
+    model = precompute.teacher_model(precompute.open_teacher(teacher)).eval()  # built as precompute builds it
     start, cpu = time.perf_counter(), time.process_time()
     with torch.no_grad():
         for x in batches:
             model(x)
-    return time.perf_counter() - start, time.process_time() - cpu, len(rows)
+    return {"wall": time.perf_counter() - start, "cpu": time.process_time() - cpu, "rows": len(rows)}
 
 
 class ForwardClock:
-    """Adds up the wall time of the teacher's forward passes inside precompute (wraps its ``predict_logits``)."""
+    """Times the teacher's forward passes inside precompute (wraps the ``predict_logits`` it calls): their sum,
+    the start of the first and the end of the last, which split the stage into setup, loop and tail."""
 
     def __init__(self):
-        self.seconds = 0.0
+        self.seconds, self.first, self.last = 0.0, None, None
 
     def __enter__(self) -> "ForwardClock":
         self._original = original = precompute.predict_logits
@@ -90,7 +94,9 @@ class ForwardClock:
             def clocked(x):
                 start = time.perf_counter()
                 y = forward(x)
-                self.seconds += time.perf_counter() - start
+                self.last = time.perf_counter()
+                self.first = start if self.first is None else self.first
+                self.seconds += self.last - start
                 return y
 
             model.forward = clocked
@@ -106,10 +112,13 @@ class ForwardClock:
         precompute.predict_logits = self._original
 
 
-def run_precompute(teacher: Path, out: Path, **settings) -> tuple[float, float, dict]:
+def run_precompute(teacher: Path, out: Path, clock: ForwardClock | None = None,
+                   **settings) -> tuple[float, float, dict]:
     """Wall and CPU seconds of the whole stage as the CLI runs it (interpreter start and imports excluded)."""
     cfg = PrecomputeConfig(**settings)
     start, cpu = time.perf_counter(), time.process_time()
+    if clock is not None:
+        clock.start = start
     source = precompute.open_teacher(teacher)
     cfg.data = DataConfig(**source.recorded_data)
     cfg.validate()
@@ -117,42 +126,66 @@ def run_precompute(teacher: Path, out: Path, **settings) -> tuple[float, float, 
     return time.perf_counter() - start, time.process_time() - cpu, result
 
 
-def bench_overhead(folder: Path, teacher: Path, batch_size: int, repeats: int) -> dict[str, float]:
-    """Median ratios; returns the bytes per row of the stores it wrote (dense float16 and float32)."""
-    pure_inference(teacher, batch_size)  # warm-up: page cache, allocator, oneDNN kernels
-    _, _, warm = run_precompute(teacher, folder / "warm" / "targets.h5", batch_size=batch_size, dtype="float32")
-    ratios, cpu_ratios, inside, pures, stages = [], [], [], [], []
+def measure(what: str, teacher: Path, out: Path, batch_size: int) -> dict:
+    """One measurement, ``pure`` or ``stage``, in this process."""
+    if what == "pure":
+        return pure_inference(teacher, batch_size)
+    with ForwardClock() as clock:
+        wall, cpu, result = run_precompute(teacher, out, clock, batch_size=batch_size)
+    return {"wall": wall, "cpu": cpu, "setup": clock.first - clock.start, "loop": clock.last - clock.first,
+            "forward": clock.seconds, "tail": clock.start + wall - clock.last,
+            "bytes_per_row": result["bytes"] / result["rows"]}
+
+
+def measure_in_child(what: str, teacher: Path, out: Path, batch_size: int, threads: int | None) -> dict:
+    """:func:`measure` in a fresh Python process: each gets its own memory layout, which alone moves a forward
+    pass by a few % (measured: the same comparison repeated in one process is stable, across processes not)."""
+    cmd = [sys.executable, __file__, "--child", what, "--teacher", str(teacher), "--out", str(out),
+           "--batch-size", str(batch_size)] + (["--threads", str(threads)] if threads else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark child failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_overhead(folder: Path, teacher: Path, batch_size: int, repeats: int, threads: int | None) -> float:
+    """Median ratios over ``repeats`` rounds (pure and stage each in a fresh process); returns bytes/row."""
+    out = folder / "o" / "targets.h5"
+    for what in ("pure", "stage"):  # warm-up: page cache
+        measure_in_child(what, teacher, out, batch_size, threads)
+    keys = ("pure", "stage", "ratio", "cpu_ratio", "setup", "tail", "steady")
+    m: dict[str, list[float]] = {k: [] for k in keys}
     for r in range(repeats):
         order = ("pure", "stage") if r % 2 == 0 else ("stage", "pure")
-        wall, cpu = {}, {}
-        for what in order:
-            if what == "pure":
-                wall["pure"], cpu["pure"], rows = pure_inference(teacher, batch_size)
-            else:
-                with ForwardClock() as clock:
-                    wall["stage"], cpu["stage"], result = run_precompute(teacher, folder / "o" / "targets.h5",
-                                                                         batch_size=batch_size)
-        pures.append(wall["pure"])
-        stages.append(wall["stage"])
-        ratios.append(wall["stage"] / wall["pure"])
-        cpu_ratios.append(cpu["stage"] / cpu["pure"])
-        inside.append(wall["stage"] / clock.seconds)
-        print(f"  round {r + 1} ({' then '.join(order)}): pure inference {wall['pure']:.2f} s, "
-              f"precompute {wall['stage']:.2f} s (forward {clock.seconds:.2f} s of it); wall ratio {ratios[-1]:.3f}, "
-              f"CPU-time ratio {cpu_ratios[-1]:.3f}, precompute / its own forward {inside[-1]:.3f}")
-    ratio = statistics.median(ratios)
-    verdict = "OK" if ratio <= TARGET_OVERHEAD else "ABOVE TARGET"
-    print(f"precompute / pure inference wall time: median {ratio:.3f} (target <= {TARGET_OVERHEAD}) {verdict}; "
-          f"CPU time: median {statistics.median(cpu_ratios):.3f}; precompute / its own forward passes: median "
-          f"{statistics.median(inside):.3f}; {rows:,} rows, median "
-          f"{rows / statistics.median(stages):,.0f} rows/s through precompute, "
-          f"{rows / statistics.median(pures):,.0f} rows/s bare")
-    return {"dense float16": result["bytes"] / result["rows"], "dense float32": warm["bytes"] / warm["rows"]}
+        got = {what: measure_in_child(what, teacher, out, batch_size, threads) for what in order}
+        pure, stage = got["pure"], got["stage"]
+        row = {"pure": pure["wall"], "stage": stage["wall"], "ratio": stage["wall"] / pure["wall"],
+               "cpu_ratio": stage["cpu"] / pure["cpu"], "setup": stage["setup"], "tail": stage["tail"],
+               "steady": stage["loop"] / pure["wall"]}
+        for k in keys:
+            m[k].append(row[k])
+        print(f"  round {r + 1} ({' then '.join(order)}): pure inference {pure['wall']:.2f} s, precompute "
+              f"{stage['wall']:.2f} s = setup {stage['setup']:.2f} + loop {stage['loop']:.2f} (forward "
+              f"{stage['forward']:.2f}) + tail {stage['tail']:.2f} s; ratio {row['ratio']:.3f}, CPU-time ratio "
+              f"{row['cpu_ratio']:.3f}, loop / pure {row['steady']:.3f}", flush=True)
+    med = {k: statistics.median(v) for k, v in m.items()}
+    verdict = "OK" if med["ratio"] <= TARGET_OVERHEAD else "ABOVE TARGET"
+    rows = pure["rows"]
+    print(f"precompute / pure inference, wall time: median {med['ratio']:.3f} (target <= {TARGET_OVERHEAD}) "
+          f"{verdict}; CPU time: median {med['cpu_ratio']:.3f}; {rows:,} rows, {rows / med['stage']:,.0f} rows/s "
+          f"through precompute, {rows / med['pure']:,.0f} rows/s bare")
+    print(f"  of which fixed: setup (teacher and data loading, model, hashing) median {med['setup']:.2f} s, tail "
+          f"(last shard, master file, fsync) {med['tail']:.2f} s; per row: the loop (batches, forward, writes) over "
+          f"pure inference, median {med['steady']:.3f}")
+    return stage["bytes_per_row"]
 
 
-def bench_bytes(folder: Path, teacher: Path, batch_size: int, classes: int, sizes: dict[str, float]) -> None:
-    _, _, result = run_precompute(teacher, folder / "topk" / "targets.h5", batch_size=batch_size, topk=3)
-    sizes = {**sizes, "top-3 float16": result["bytes"] / result["rows"]}
+def bench_bytes(folder: Path, teacher: Path, batch_size: int, classes: int, dense16: float) -> None:
+    sizes = {"dense float16": dense16}
+    for label, settings in [("dense float32", {"dtype": "float32"}), ("top-3 float16", {"topk": 3})]:
+        _, _, result = run_precompute(teacher, folder / label.replace(" ", "-") / "targets.h5",
+                                      batch_size=batch_size, **settings)
+        sizes[label] = result["bytes"] / result["rows"]
     print(f"bytes/row on disk, this data ({classes} classes, id/label/split and HDF5 overhead included): "
           + ", ".join(f"{k} {v:.1f}" for k, v in sizes.items()))
     k, c = 10, 1000
@@ -179,12 +212,25 @@ def bench_reader(folder: Path, rows: int, classes: int, batches: int) -> None:
                   f"(>= {reader.TARGET_ROWS_PER_S:,}); {store.nbytes / rows:.1f} B/row in RAM, {on_disk:.1f} on disk")
 
 
+def _cpu_times() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    return sum(values), values[3] + values[4]  # total, idle + iowait
+
+
 def _load() -> str:
-    """The load average against the core count: other processes make wall times (and ratios) noisy."""
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    note = "" if load < 0.5 * cores else (" - BUSY: other processes compete for the cores, wall-time ratios are "
-                                          "noisy; compare CPU time, the in-run ratio, or rerun with --threads 1")
-    return f"load average {load:.1f} on {cores} cores{note}"
+    """How busy the machine is with other work (sampled for a second while this script idles)."""
+    cores = os.cpu_count() or 1
+    try:
+        total0, idle0 = _cpu_times()
+        time.sleep(1.0)
+        total1, idle1 = _cpu_times()
+        busy = 1 - (idle1 - idle0) / max(total1 - total0, 1)
+    except (OSError, ValueError, IndexError):
+        return f"load average {os.getloadavg()[0]:.1f} on {cores} cores"
+    note = "" if busy < 0.15 else (" - BUSY: other processes compete for the cores, so wall times swing; compare the "
+                                   "CPU-time ratio and the loop / pure ratio, or rerun with --threads 1")
+    return f"other processes used {100 * busy:.0f}% of the {cores} cores" + note
 
 
 def main() -> None:
@@ -198,9 +244,15 @@ def main() -> None:
     parser.add_argument("--reader-batches", type=int, default=200)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--no-reader", action="store_true", help="skip the reader benchmark")
+    parser.add_argument("--child", choices=("pure", "stage"), help=argparse.SUPPRESS)
+    parser.add_argument("--teacher", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.child:  # one measurement, for the parent
+        print(json.dumps(measure(args.child, args.teacher, args.out, args.batch_size)))
+        return
 
     folder = Path(tempfile.mkdtemp(prefix="precompute-bench-"))
     try:
@@ -209,8 +261,8 @@ def main() -> None:
         classes = torch.load(teacher, weights_only=True)["num_classes"]
         print(f"teacher {args.model} (random weights) on {args.data}; batch size {args.batch_size}; "
               f"{torch.get_num_threads()} torch threads; {args.repeats} rounds; {_load()}")
-        sizes = bench_overhead(folder, teacher, args.batch_size, args.repeats)
-        bench_bytes(folder, teacher, args.batch_size, classes, sizes)
+        dense16 = bench_overhead(folder, teacher, args.batch_size, args.repeats, args.threads)
+        bench_bytes(folder, teacher, args.batch_size, classes, dense16)
         if not args.no_reader:
             bench_reader(folder / "reader", args.reader_rows, args.reader_classes, args.reader_batches)
         print(f"total {time.perf_counter() - t0:.0f} s; {_load()}")
