@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from . import __version__
-from .errors import UserError
+from .errors import ConfigError, DiskFullError, Interrupted, UserError, disk_full
 
 app = typer.Typer(
     name="reducedmpl", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -39,26 +39,51 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.
 
 
 def fail(message: str, code: int = 2) -> None:
-    err_console.print(f"error: {message}", style="red", highlight=False, soft_wrap=True)
+    err_console.print(f"error: {message}", style="red", highlight=False, markup=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
 def handle_errors(fn):
-    """Turn :class:`UserError` into one line on stderr and exit code 2."""
+    """Turn :class:`UserError` into one line on stderr and exit code 2; leave the process group at the end.
+
+    Under torchrun a settings error, or one found by rank 0 and shared with the others, is printed once, by
+    rank 0; an error of another rank's own is printed by that rank, with its rank."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from . import distributed
+
         try:
             return fn(*args, **kwargs)
         except UserError as e:
             if _state["debug"]:
                 raise
-            fail(str(e))
-        except KeyboardInterrupt:
-            err_console.print("interrupted: the last checkpoint is kept; continue with --resume")
+            rank = distributed.current().rank or int(os.environ.get("RANK", "0") or 0)
+            if rank and isinstance(e, (distributed.RankZeroError, ConfigError)):
+                raise typer.Exit(2)  # the settings are every rank's: rank 0 reports them
+            fail(f"(rank {rank}) {e}" if rank else str(e))
+        except KeyboardInterrupt as e:  # Interrupted says where the loop stopped
+            if distributed.current().is_main:
+                err_console.print(str(e) if isinstance(e, Interrupted) and str(e) else
+                                  "interrupted: the last checkpoint is kept; continue with --resume", highlight=False)
             raise typer.Exit(130)
+        except Exception as e:  # a full disk where no writer named the file (writers raise DiskFullError)
+            full = None if isinstance(e, typer.Exit) or _state["debug"] else disk_full(e)
+            if full is None:
+                raise
+            fail(str(DiskFullError(full.filename or "a file", full.strerror or str(full))))
+        finally:
+            distributed.shutdown()
 
     return wrapper
+
+
+def say(*objects, **kwargs) -> None:
+    """Print a command's result on stdout, once (on rank 0 under torchrun)."""
+    from . import distributed
+
+    if distributed.current().is_main:
+        out_console.print(*objects, **kwargs)
 
 
 def _version(value: bool) -> None:
@@ -107,7 +132,7 @@ def train_large(
              "batch_size": batch_size, "optim.lr": lr, "seed": seed, "device": device}
     cfg = stage_config("train_large", config, set_ or (), flags)
     result = stage.run(cfg, out, resume=resume, overwrite=overwrite, console=err_console, quiet=quiet)
-    out_console.print(f"teacher {cfg.model}: val acc {_pct(result.get('val_acc'))}, "
+    say(f"teacher {cfg.model}: val acc {_pct(result.get('val_acc'))}, "
                       f"test acc {_pct(result.get('test_acc'))} -> {out / stage.ARTIFACT}")
 
 
@@ -139,7 +164,7 @@ def distill(
              "mpl_weight": mpl_weight, "seed": seed, "device": device}
     cfg = stage_config("distill", config, set_ or (), flags)
     result = stage.run(cfg, targets, out, resume=resume, overwrite=overwrite, console=err_console, quiet=quiet)
-    out_console.print(f"student {cfg.student} ({cfg.mode}): val acc {_pct(result.get('val_acc'))}, "
+    say(f"student {cfg.student} ({cfg.mode}): val acc {_pct(result.get('val_acc'))}, "
                       f"test acc {_pct(result.get('test_acc'))} -> {out / stage.ARTIFACT}")
 
 
@@ -179,12 +204,12 @@ def precompute(
     flags = {"data.source": data, "splits": split_list, "batch_size": batch_size, "dtype": dtype, "topk": topk,
              "shards": shards, "temperature": temperature, "device": device}
     cfg = stage_config("precompute", config, set_ or (), flags, base=stage.config_base(source))
-    try:
+    try:  # Ctrl-C: precompute has no --resume, running it again continues
         result = stage.run(cfg, source, out, overwrite=overwrite, console=err_console, quiet=quiet)
+        say(stage.summary_line(result), highlight=False, soft_wrap=True)
     except KeyboardInterrupt:
         err_console.print("interrupted: finished shards are kept; run the same command again to continue")
         raise typer.Exit(130)
-    out_console.print(stage.summary_line(result), highlight=False, soft_wrap=True)
 
 
 @app.command("inspect")
@@ -227,6 +252,8 @@ def run_pipeline(
     except KeyboardInterrupt:
         err_console.print("interrupted: finished stages are kept; run the same command again to resume")
         raise typer.Exit(130)
+    except DiskFullError as e:  # `run` has no --resume: running it again resumes
+        raise e.with_fix("free some space, then run the same command again: it continues where it stopped") from None
 
 
 @app.command("report")
@@ -250,10 +277,38 @@ def _pct(x: float | None) -> str:
 
 def run() -> None:
     """Entry point of the ``reducedmpl`` script."""
+    code: int | str | None = 1
     try:
         app()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+        raise
     except BrokenPipeError:
         sys.exit(1)
+    finally:
+        _exit_at_once_on_ctrl_c(code)
+
+
+def _exit_at_once_on_ctrl_c(code: int | str | None) -> None:
+    """The command is over: a Ctrl-C while Python shuts down (atexit handlers, threads) ends the process at once
+    with the command's exit code, instead of printing a KeyboardInterrupt traceback from an atexit handler."""
+    import signal
+
+    status = code if isinstance(code, int) else 0 if code is None else 1
+
+    def exit_now(signum, frame):
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - interrupted in the middle of a write
+                pass
+        os._exit(status)
+
+    try:
+        signal.signal(signal.SIGINT, exit_now)
+    except ValueError:  # not the main thread
+        pass
 
 
 if __name__ == "__main__":

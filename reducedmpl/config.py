@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -398,6 +399,12 @@ def read_yaml(path: str | Path) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
+        tag = re.search(r"constructor for the tag '([^']*)'", str(getattr(e, "problem", "") or ""))
+        if isinstance(e, yaml.constructor.ConstructorError) and tag:  # e.g. !!python/object/apply: never loaded
+            name = tag.group(1).replace("tag:yaml.org,2002:", "!!")
+            raise ConfigError(f"config file {path} is not valid YAML for reducedmpl{where}: the tag {name} is "
+                              "refused (tags that build Python objects are never loaded)",
+                              "write plain YAML values (numbers, strings, lists, mappings) instead") from None
         raise ConfigError(f"config file {path} is not valid YAML{where}", "fix the YAML syntax") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read config file {path} ({e.__class__.__name__})", "check the file") from None
@@ -434,11 +441,15 @@ def stage_config(section: str, file: str | Path | None = None, overrides: typing
         for key in doc:
             if key not in valid:
                 raise ConfigError(f"unknown section {key!r} in {file}", _nearest(str(key), valid))
-        raw = dict(doc.get(section) or {})
+        raw = doc.get(section) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"section {section!r} in {file} must be a mapping", "write it as a YAML section")
+        raw = dict(raw)
         if "data" in doc and "data" in {f.name for f in dataclasses.fields(cls)}:
-            raw["data"] = {**(doc["data"] or {}), **(raw.get("data") or {})}
+            shared, own = doc["data"] or {}, raw.get("data") or {}
+            if not isinstance(shared, dict):
+                raise ConfigError(f"section 'data' in {file} must be a mapping", "write it as a YAML section")
+            raw["data"] = {**shared, **own} if isinstance(own, dict) else own  # from_dict names a non-mapping
     if base:
         raw = _merged(base, raw)
     apply_overrides(raw, overrides, section)

@@ -8,23 +8,28 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NoReturn
 
 import numpy as np
 import torch
 import yaml
 from torch import nn
 
-from .errors import ConfigError, UserError
+from .errors import ConfigError, Interrupted, UserError, writing
 
 
 # ------------------------------------------------------------------------------------------------ device
 def resolve_device(name: str) -> torch.device:
+    from .distributed import local_device
+
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked, but CUDA is not available here", "use --device cpu or auto")
-    return torch.device(name)
+    try:
+        return local_device(torch.device(name))
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}", "use auto, cpu, cuda or cuda:N") from None
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -91,6 +96,9 @@ def _plain(obj: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ run folders
+RUN_FILES = ("last.pt", "best.pt", "config.yaml", "metrics.jsonl", "reduced_teacher.pt", "probes.json", "result.json")
+
+
 def prepare_out_dir(out: str | Path, artifact: str, resume: bool, overwrite: bool) -> Path:
     """Make ``out`` ready for a run, refusing to mix two runs in one folder."""
     out = Path(out)
@@ -105,6 +113,9 @@ def prepare_out_dir(out: str | Path, artifact: str, resume: bool, overwrite: boo
     if overwrite and holds_run:
         for name in (artifact, "last.pt", "best.pt", "config.yaml", "metrics.jsonl"):
             (out / name).unlink(missing_ok=True)
+    if holds_run:  # temporary files of an interrupted write (they are never read)
+        for name in (artifact, *RUN_FILES):
+            (out / f".{name}.tmp").unlink(missing_ok=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -138,28 +149,91 @@ def resume_state(out: Path, artifact: str, resume: bool, config: dict) -> dict |
     return state
 
 
+def prepare_run(out: str | Path, artifact: str, resume: bool, overwrite: bool, config: dict,
+                dist: Any) -> tuple[Path, dict | None]:
+    """:func:`prepare_out_dir` and :func:`resume_state` on rank 0 (every rank gets their verdict); the other
+    ranks then read the same ``last.pt`` themselves."""
+    from .models import safe_load
+
+    state = None
+
+    def check() -> tuple[Path, bool]:
+        nonlocal state
+        folder = prepare_out_dir(out, artifact, resume, overwrite)
+        state = resume_state(folder, artifact, resume, config)
+        return folder, state is not None
+
+    folder, has_state = dist.on_main(check)
+    if has_state and state is None:
+        state = safe_load(folder / "last.pt", what="resume checkpoint")
+    return folder, state
+
+
+def rank_rng_states(dist: Any) -> Any:
+    """What a checkpoint keeps of the RNG: this process's state, or every rank's (a list) under torchrun."""
+    return dist.gather(rng_state()) if dist.enabled else rng_state()
+
+
+def restore_rank_rng(saved: Any, dist: Any) -> bool:
+    """Restore this rank's RNG from :func:`rank_rng_states`; False (RNG left as seeded) when the checkpoint was
+    written by another number of processes."""
+    if isinstance(saved, list):
+        saved = saved[dist.rank] if len(saved) == dist.world_size else None
+    elif dist.enabled:
+        saved = None
+    if saved is None:
+        return False
+    set_rng_state(saved)
+    return True
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, dist: Any) -> nn.Module:
+    """``model`` in DistributedDataParallel under torchrun (itself otherwise); parameters come from rank 0."""
+    if not dist.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``path`` whole or not at all: a temporary name, then ``os.replace`` (the temporary file is removed
+    when writing fails; a full disk raises :class:`DiskFullError` naming ``path``)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with writing(path):
+        try:
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
 def write_config(out: Path, config: dict) -> None:
-    tmp = out / ".config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(config, sort_keys=False))
-    os.replace(tmp, out / "config.yaml")
+    write_text_atomic(out / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
 
 class MetricsLog:
     """Append-only ``metrics.jsonl``; on resume, rows past the checkpoint are dropped first."""
 
-    def __init__(self, path: Path, keep_until: tuple[str, float] | None = None):
-        self.path = path
+    def __init__(self, path: Path, keep_until: tuple[str, float] | None = None, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+        if not enabled:  # not rank 0: writes nothing
+            return
         if keep_until is not None and path.exists():
-            key, last = keep_until
-            rows = [r for r in read_jsonl(path) if r.get(key, -math.inf) <= last]
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-            os.replace(tmp, path)
+            key, last = keep_until  # rows without the key (the final row) come after every checkpoint
+            rows = [r for r in read_jsonl(path) if key in r and r[key] <= last]
+            write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
         elif keep_until is None:
-            path.write_text("")
+            write_text_atomic(path, "")
 
     def write(self, **row: Any) -> None:
-        with open(self.path, "a") as f:
+        if not self.enabled:
+            return
+        with writing(self.path), open(self.path, "a") as f:  # a torn row is dropped on resume
             f.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
 
 
@@ -189,12 +263,19 @@ def read_jsonl(path: str | Path) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, device: torch.device, amp: bool = False,
-             channels_last: bool = False) -> dict[str, float]:
-    """Mean cross-entropy and accuracy of ``model`` over ``batches``; restores the model's mode."""
+             channels_last: bool = False, dist: Any = None) -> dict[str, float]:
+    """Mean cross-entropy and accuracy of ``model`` over ``batches``; restores the model's mode.
+
+    With ``dist`` each rank evaluates its share of the batches and the sums are added over the ranks; the
+    model's buffers (BatchNorm statistics, which each rank updates from its own batches) are rank 0's first."""
+    if dist is not None:
+        dist.broadcast_(model.buffers())
     was_training = model.training
     model.eval()
     loss_sum, correct, n = 0.0, 0, 0
     for x, y, _ in batches:
+        if not len(y):
+            continue
         x, y = to_device(x, device, channels_last), y.to(device)
         with autocast(device, amp):
             logits = model(x)
@@ -202,6 +283,8 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device, amp: boo
         correct += (logits.argmax(1) == y).sum().item()
         n += len(y)
     model.train(was_training)
+    if dist is not None:
+        loss_sum, correct, n = dist.sum([loss_sum, correct, n], device)
     return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1)}
 
 
@@ -258,3 +341,77 @@ def progress(disable: bool = False):
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=disable, transient=True)
+
+
+# ------------------------------------------------------------------------------------------------ Ctrl-C
+REPEAT_WINDOW_S = 5.0
+
+class StopRequest:
+    """Whether Ctrl-C asked the run to stop; the training loops look at :attr:`requested` between steps.
+
+    The first Ctrl-C (SIGINT) inside :func:`graceful_stop` only sets :attr:`local`; the loop then writes its
+    checkpoint and calls :meth:`stop`. ``agree`` turns the local flag into the decision: the identity for one
+    process, e.g. ``Dist.any`` under torchrun so that every rank stops at the same step. Once true it stays true
+    (and ``agree`` is no longer called)."""
+
+    def __init__(self, agree: Callable[[bool], bool] | None = None):
+        self.local = False
+        self.agree = agree or bool
+        self._decided = False
+
+    @property
+    def requested(self) -> bool:
+        if not self._decided:
+            self._decided = bool(self.agree(self.local))
+        return self._decided
+
+    def stop(self, where: str, checkpoint: Path) -> NoReturn:
+        """Raise :class:`~reducedmpl.errors.Interrupted` (exit code 130 in the CLI) after the checkpoint is written."""
+        raise Interrupted(f"interrupted at {where}; the checkpoint {checkpoint} is kept — continue with --resume")
+
+
+@contextlib.contextmanager
+def graceful_stop(agree: Callable[[bool], bool] | None = None) -> Iterator[StopRequest]:
+    """Within the block, the first Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption, or torchrun passing
+    a stop on) sets ``requested`` instead of ending the process; a second one acts at once (Python's default).
+    Under torchrun a Ctrl-C reaches a worker twice, from the terminal and from torchrun, so there repeats
+    within :data:`REPEAT_WINDOW_S` count as one. The previous handlers are restored on leaving. Outside the main
+    thread nothing is installed (``requested`` then stays false unless ``agree`` says otherwise)."""
+    import signal
+    import sys
+    import threading
+
+    request = StopRequest(agree)
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    signals = [sig for sig in (signal.SIGINT, signal.SIGTERM)
+               if signal.getsignal(sig) not in (None, signal.SIG_IGN)]
+    previous = {sig: signal.getsignal(sig) for sig in signals}
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    first: dict[str, float] = {}
+
+    def on_signal(signum, frame):
+        now = time.monotonic()
+        if "t" in first:
+            if under_torchrun and now - first["t"] < REPEAT_WINDOW_S:
+                return  # the same stop, delivered twice
+            for sig, handler in previous.items():  # a second request: act at once
+                signal.signal(sig, handler)
+            signal.raise_signal(signum)
+            return
+        first["t"] = now
+        request.local = True
+        if not under_torchrun:  # one process: a second signal should not wait
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        print("stopping after this step to write a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr,
+              flush=True)
+
+    for sig in signals:
+        signal.signal(sig, on_signal)
+    try:
+        yield request
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

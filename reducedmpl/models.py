@@ -17,7 +17,7 @@ import timm
 import torch
 from torch import nn
 
-from .errors import ArtifactError, ConfigError
+from .errors import ArtifactError, ConfigError, writing
 from .targets import file_sha256  # noqa: F401 - re-exported for the stages
 
 
@@ -129,18 +129,22 @@ def _looks_like_head(key: str) -> bool:
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary name in the same folder, fsync, then ``os.replace``."""
+    """``torch.save`` to a temporary name in the same folder, fsync, then ``os.replace``.
+
+    ``path`` is replaced only by a complete file: when writing fails (a full disk raises :class:`DiskFullError`)
+    the temporary file is removed and the file already at ``path`` (e.g. the previous checkpoint) is kept."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with writing(path):
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 ARTIFACT_KEYS = ("kind", "state_dict", "arch", "num_classes", "in_chans", "preprocess", "class_names",

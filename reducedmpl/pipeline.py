@@ -100,11 +100,11 @@ def load_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> Pipeline:
                           "use letters, digits, '-', '_' or '.', e.g. name: digits")
     data = _section(doc, "data", path)
     tl_raw = _section(doc, "train_large", path)
-    tl = stage_config("train_large", base={**tl_raw, "data": {**data, **(tl_raw.get("data") or {})}})
+    tl = stage_config("train_large", base={**tl_raw, "data": _over(data, tl_raw.get("data"))})
 
     # precompute runs over the data the teacher records: train_large's resolved data, its own data over it
     pc_raw = _section(doc, "precompute", path)
-    pc = stage_config("precompute", base={**pc_raw, "data": {**to_dict(tl.data), **(pc_raw.get("data") or {})}})
+    pc = stage_config("precompute", base={**pc_raw, "data": _over(to_dict(tl.data), pc_raw.get("data"))})
 
     # each compare run is a set of distill overrides over the distill section; without compare, one run
     distill_raw = _section(doc, "distill", path)
@@ -124,6 +124,12 @@ def load_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> Pipeline:
                 raise ConfigError(f"compare run {run_name!r}: {e}" if compare else str(e)) from None
             distills.append(DistillRun(run_name, seed, cfg))
     return Pipeline(name, path, tl, pc, distills, _baseline(compare, distills))
+
+
+def _over(base: dict, own: Any) -> Any:
+    """A stage's own data settings over the shared ones; a non-mapping is kept, for from_dict to name it."""
+    own = own or {}
+    return {**base, **own} if isinstance(own, dict) else own
 
 
 def _section(doc: dict, key: str, path: Path) -> dict:
@@ -297,7 +303,20 @@ def print_plan(stages: list[Stage], console: Console) -> None:
 
 def execute(pipe: Pipeline, stages: list[Stage], console: Console, stage_console: Console,
             quiet: bool = False) -> bool:
-    """Run every stage that is not cached, in order; False when nothing changed (every stage cached, same index)."""
+    """Run every stage that is not cached, in order; False when nothing changed (every stage cached, same index).
+
+    Under torchrun every rank runs the stages; rank 0 alone prepares their folders and writes the index."""
+    from . import distributed
+
+    dist = distributed.current()
+    if not dist.is_main:
+        for stage in stages:
+            if stage.status == "cached":
+                stage.result = _cached_result(stage)
+            else:
+                dist.barrier()  # rank 0 has prepared the stage's folder
+                stage.result = RUNNERS[stage.kind](stage, stage_console, quiet)
+        return False
     run_dir = stages[0].folder.parent
     run_dir.mkdir(parents=True, exist_ok=True)
     changed = _write_index(pipe, stages, run_dir)
@@ -316,6 +335,7 @@ def execute(pipe: Pipeline, stages: list[Stage], console: Console, stage_console
         _atomic_json(stage.folder / STAGE_FILE, {"stage": stage.kind, "label": stage.label, "key": stage.key,
                                                  "upstream": stage.upstream.key if stage.upstream else None,
                                                  "tool_version": __version__, "config": to_dict(stage.config)})
+        dist.barrier()  # the other ranks wait for the folder
         t0 = time.perf_counter()
         stage.result = RUNNERS[stage.kind](stage, stage_console, quiet)
         console.print(f"{head}: {_summary(stage)} in {time.perf_counter() - t0:.1f} s", highlight=False)
@@ -395,18 +415,24 @@ def _write_index(pipe: Pipeline, stages: list[Stage], run_dir: Path) -> bool:
 def read_index(run_dir: str | Path) -> dict:
     path = Path(run_dir) / INDEX_FILE
     try:
-        return json.loads(path.read_text())
+        index = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{run_dir} holds no {INDEX_FILE}",
                         "pass a run folder written by `reducedmpl run` (runs/NAME)") from None
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {path} ({e.__class__.__name__})", "run the pipeline again") from None
+    stages = index.get("stages") if isinstance(index, dict) else None
+    if not isinstance(stages, list) or not all(
+            isinstance(e, dict) and {"label", "stage", "key", "folder"} <= set(e)
+            and (e["stage"] != "distill" or {"run", "mode", "seed"} <= set(e)) for e in stages):
+        raise UserError(f"{path} is not an index written by `reducedmpl run`", "run the pipeline again")
+    return index
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    from .engine import write_text_atomic
+
+    write_text_atomic(path, json.dumps(obj, indent=1, default=str))
 
 
 @contextlib.contextmanager
@@ -448,11 +474,20 @@ def run_pipeline(path: str | Path, overrides: Sequence[str] = (), *, force: Sequ
 
     Returns ``{"run_dir", "stages": [(label, status, folder)], "summaries"}``.
     """
+    from . import distributed
+    from .engine import resolve_device
+
     console = console or Console()
     stage_console = stage_console or Console(stderr=True)
     pipe = load_pipeline(path, overrides)
     stages = plan(pipe, out_root, force)
     preflight(stages)
+    dist = distributed.setup(resolve_device(stages[0].config.device)) if not dry_run else distributed.current()
+    if dist.enabled:  # rank 0's view of what is cached is the one every rank follows
+        for stage, status in zip(stages, dist.broadcast([s.status for s in stages])):
+            stage.status = status
+        if not dist.is_main:
+            console, stage_console, quiet = Console(quiet=True), Console(quiet=True), True
     overview = [(s.label, s.status, str(s.folder)) for s in stages]
     run_dir = Path(out_root) / pipe.name
     if dry_run:
@@ -463,8 +498,11 @@ def run_pipeline(path: str | Path, overrides: Sequence[str] = (), *, force: Sequ
 
     from . import report
 
-    with _run_lock(run_dir):
+    with contextlib.ExitStack() as held:
+        dist.on_main(lambda: held.enter_context(_run_lock(run_dir)) and None)
         changed = execute(pipe, stages, console, stage_console, quiet)
+        if not dist.is_main:
+            return {"run_dir": run_dir, "stages": overview, "summaries": []}
         report_md = run_dir / "report" / "report.md"
         if changed or not report_md.exists():
             summaries = report.write_report(run_dir, console=stage_console).summaries

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .engine import read_jsonl
+from .errors import UserError
 from .pipeline import read_index
 
 PROBE_POINTS = ("0.0", "0.25", "0.5", "0.75", "1.0")
@@ -34,7 +35,14 @@ def collect_results(run_dir: str | Path) -> list[dict]:
         result_path = run_dir / entry["folder"] / "result.json"
         if entry["stage"] != "distill" or not result_path.exists():
             continue
-        result = json.loads(result_path.read_text())
+        try:
+            result = json.loads(result_path.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read {result_path} ({e.__class__.__name__})",
+                            "run the pipeline again (with --force for that stage) to rewrite it") from None
+        if not isinstance(result, dict):
+            raise UserError(f"{result_path} is not a result written by distill",
+                            "run the pipeline again (with --force for that stage) to rewrite it")
         rows.append({"run": entry["run"], "mode": entry["mode"], "seed": entry["seed"],
                      "test_acc": result.get("test_acc"), "val_acc": result.get("val_acc"),
                      "folder": run_dir / entry["folder"]})
@@ -179,10 +187,14 @@ def load_runs(results: list[dict]) -> list[RunData]:
     runs = []
     for r in results:
         folder = r["folder"]
-        config = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").exists() else {}
+        try:
+            config = yaml.safe_load((folder / "config.yaml").read_text()) if (folder / "config.yaml").exists() else {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise UserError(f"cannot read {folder / 'config.yaml'} ({e.__class__.__name__})",
+                            "run the pipeline again (with --force for that stage) to rewrite it") from None
         metrics = [m for m in read_jsonl(folder / "metrics.jsonl") if not m.get("final")] \
             if (folder / "metrics.jsonl").exists() else []
-        runs.append(RunData(r["run"], r["mode"], r["seed"], folder, config or {}, metrics))
+        runs.append(RunData(r["run"], r["mode"], r["seed"], folder, config if isinstance(config, dict) else {}, metrics))
     return runs
 
 
@@ -440,13 +452,17 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, console: Co
     (default ``RUN_DIR/report``)."""
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    index = read_index(run_dir)
+    index = read_index(run_dir)  # read before making any folder: a failed report leaves nothing behind
     results = collect_results(run_dir)
+    grouped = _by_run(load_runs(results))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the report folder {out} ({e.strerror or e})",
+                        "choose a writable --out") from None
     baseline = index.get("baseline")
     summaries = aggregate(results, baseline)
     write_comparison(run_dir, summaries, baseline)
-    grouped = _by_run(load_runs(results))
     main = main_mpl_run(grouped)
     teacher_test = _teacher_test_acc(run_dir, index)
     plots: dict[str, Callable[[Path], str | None]] = {

@@ -55,7 +55,7 @@ from typing import Any, Mapping, Sequence
 import h5py
 import numpy as np
 
-from reducedmpl.errors import ArtifactError
+from reducedmpl.errors import ArtifactError, writing
 
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
@@ -207,12 +207,104 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _commit(tmp: Path, final: Path) -> None:
-    """fsync ``tmp`` and atomically move it to ``final``."""
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
+_RESUME_FIX = "free some space, then run the same precompute command again (finished shards are kept)"
+
+
+class _NewFile:
+    """The temporary file a new HDF5 file is written to, as the file object of h5py's ``fileobj`` driver.
+
+    A failed write (full disk, quota, file size limit) is kept in ``error`` instead of reaching HDF5: after a
+    failed write HDF5 2.0 (h5py 3.16) could not close the file, printed errors while freeing its objects and
+    crashed the interpreter at exit (measured). After a failure, writes are skipped and reads give zeros, so HDF5
+    carries on; :meth:`check` raises the error (a :class:`DiskFullError` naming the final file) and the writer
+    discards the file. A Ctrl-C that lands in here while HDF5 waits is kept and raised the same way. Reads past
+    the end give zeros, as HDF5's own POSIX driver does.
+    """
+
+    def __init__(self, tmp: Path, final: Path):
+        self.tmp, self.final = tmp, final
+        self.error: BaseException | None = None
+        self._fd: int | None = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+        self._pos = self._size = 0
+
+    def open_h5(self) -> h5py.File:
+        return h5py.File(self, "w", libver=_LIBVER)
+
+    # -- the file object HDF5 sees: nothing raised here may reach HDF5 ----------------------------
+    def _failed(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = pos if whence == os.SEEK_SET else self._pos + pos if whence == os.SEEK_CUR else self._size + pos
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def read(self, size: int) -> bytes:
+        start, self._pos = self._pos, self._pos + size
+        data = b""
+        try:
+            if self.error is None:
+                data = os.pread(self._fd, size, start)
+        except BaseException as e:  # noqa: BLE001 - kept for check()
+            self._failed(e)
+        return data + bytes(size - len(data))
+
+    def write(self, buf: Any) -> int:
+        view = memoryview(buf).cast("B")
+        start, self._pos = self._pos, self._pos + len(view)
+        self._size = max(self._size, self._pos)
+        try:
+            done = 0
+            while self.error is None and done < len(view):  # a write stopped short at a limit: the next one fails
+                done += os.pwrite(self._fd, view[done:], start + done)
+        except BaseException as e:  # noqa: BLE001 - kept for check()
+            self._failed(e)
+        return len(view)
+
+    def truncate(self, size: int | None = None) -> int:
+        self._size = size = self._pos if size is None else size
+        try:
+            if self.error is None:
+                os.ftruncate(self._fd, size)
+        except BaseException as e:  # noqa: BLE001 - kept for check()
+            self._failed(e)
+        return size
+
+    def flush(self) -> None:
+        pass
+
+    # -- the writer's side ---------------------------------------------------------------------
+    def check(self) -> None:
+        """Raise the first failed write (as :class:`DiskFullError` when the disk is full)."""
+        if isinstance(self.error, Exception):
+            with writing(self.final, _RESUME_FIX):
+                raise self.error
+        if self.error is not None:  # Ctrl-C
+            raise self.error
+
+    def commit(self) -> None:
+        """After HDF5 closed the file: fsync, check every write succeeded, and move it to ``final``."""
+        if self.error is None:
+            try:
+                os.fsync(self._fd)
+            except OSError as e:
+                self.error = e
+        self.check()
+        self.close()
+        os.replace(self.tmp, self.final)
+        _fsync_dir(self.final.parent)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def discard(self) -> None:
+        self.close()
+        self.tmp.unlink(missing_ok=True)
 
 
 def _chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...] | None:
@@ -294,8 +386,10 @@ class ShardWriter:
         self.num_rows = int(num_rows)
         self.rows_written = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: h5py.File | None = h5py.File(self.tmp_path, "w", libver=_LIBVER)
+        self._out = _NewFile(self.tmp_path, self.path)
+        self._file: h5py.File | None = None
         try:
+            self._file = self._out.open_h5()
             self._datasets: dict[str, h5py.Dataset] = {}
             for name, (shape, dtype) in _field_specs(meta, self.num_rows).items():
                 chunks = _chunks(shape, dtype.itemsize)
@@ -356,6 +450,7 @@ class ShardWriter:
             self._datasets["logits"][start:stop] = stored
         for name, col in cols.items():
             self._datasets[name][start:stop] = col.astype(self._datasets[name].dtype)
+        self._out.check()  # a write that failed (full disk) ends the shard here
         self.rows_written = stop
 
     def _write_topk(self, start: int, stop: int, logits: np.ndarray) -> None:
@@ -385,7 +480,7 @@ class ShardWriter:
             self._file.attrs["complete"] = True
             self._file.close()
             self._file = None
-            _commit(self.tmp_path, self.path)
+            self._out.commit()
         except BaseException:
             self.abort()
             raise
@@ -398,7 +493,7 @@ class ShardWriter:
             except Exception:
                 pass
             self._file = None
-        self.tmp_path.unlink(missing_ok=True)
+        self._out.discard()
 
 
 def _read_shard_attrs(path: Path) -> dict[str, Any]:
@@ -444,9 +539,9 @@ def write_master(out: Path, shards: list[Path], meta: StoreMeta) -> None:
     num_rows = expected_start
     if num_rows < 1:
         raise ValueError("cannot write a master for an empty store")
-    tmp = _temp_path(out)
+    new = _NewFile(_temp_path(out), out)
     try:
-        with h5py.File(tmp, "w", libver=_LIBVER) as f:
+        with new.open_h5() as f:
             for name, (shape, dtype) in _field_specs(meta, num_rows).items():
                 layout = h5py.VirtualLayout(shape=shape, dtype=dtype)
                 for shard, start, stop in ranges:
@@ -459,9 +554,9 @@ def write_master(out: Path, shards: list[Path], meta: StoreMeta) -> None:
             _set_attrs(f, meta.to_attrs())
             _set_attrs(f, {"num_rows": num_rows, "num_shards": len(ranges),
                            "shards": [shard.name for shard, _, _ in ranges], "complete": True})
-        _commit(tmp, out)
+        new.commit()
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        new.discard()
         raise
 
 
@@ -741,7 +836,7 @@ class TargetStore:
     def _check_finite(self, table: dict[str, np.ndarray], rows: np.ndarray) -> None:
         for name, arr in table.items():
             if arr.dtype.kind == "f":
-                bad = ~np.isfinite(arr).reshape(len(rows), -1).all(axis=1)
+                bad = ~np.isfinite(arr).all(axis=tuple(range(1, arr.ndim)))  # per row; fine for 0 rows
                 if bad.any():
                     raise ArtifactError(f"targets store {self.path} has NaN/Inf in '{name}' for ids "
                                         f"{self.ids[rows[bad]][:5].tolist()}", _REGENERATE)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import DataConfig, parse_randaugment
+from ..distributed import Dist, rank_slice
 from ..errors import DataError
 from .sources import Source
 
@@ -58,8 +59,9 @@ def default_preprocess(source: Source, train_indices: np.ndarray, cfg: DataConfi
     return Preprocess(source.in_chans, size, mean, std)
 
 
-def _batch_seed(seed: int, epoch: int, batch: int) -> int:
-    return int(np.random.SeedSequence([seed, epoch, batch]).generate_state(1)[0])
+def _batch_seed(seed: int, epoch: int, batch: int, rank: int = 0) -> int:
+    key = [seed, epoch, batch] + ([rank] if rank else [])  # rank 0 (and one process) keeps the plain key
+    return int(np.random.SeedSequence(key).generate_state(1)[0])
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
@@ -84,14 +86,20 @@ def _match_channels(x: torch.Tensor, in_chans: int) -> torch.Tensor:
 
 
 class Batcher:
-    """Makes the batches of one split: ``batch(epoch, b)`` is deterministic; ``epoch(e)`` yields them all."""
+    """Makes the batches of one split: ``batch(epoch, b)`` is deterministic; ``epoch(e)`` yields them all.
+
+    With ``dist`` (several processes) ``batch_size`` is the global batch: every rank makes the same number of
+    batches, each holding its share of the global one (:func:`distributed.rank_slice`), so together the ranks
+    see each row of an epoch once.
+    """
 
     def __init__(self, source: Source, indices: np.ndarray, prep: Preprocess, cfg: DataConfig, *,
-                 batch_size: int, train: bool, seed: int, drop_last: bool = False):
+                 batch_size: int, train: bool, seed: int, drop_last: bool = False, dist: Dist | None = None):
         if len(indices) == 0:
             raise DataError("a split used for training or evaluation is empty", "check the data split sizes")
         self.source, self.indices, self.prep, self.cfg = source, np.asarray(indices), prep, cfg
         self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.dist = dist or Dist()
         self.drop_last = drop_last and len(indices) >= batch_size
         self.mean = torch.tensor(prep.mean).view(1, -1, 1, 1)
         self.std = torch.tensor(prep.std).view(1, -1, 1, 1)
@@ -105,16 +113,21 @@ class Batcher:
 
     def _positions(self, epoch: int, b: int) -> np.ndarray:
         order = epoch_order(len(self.indices), self.seed, epoch, self.train)
-        return order[b * self.batch_size:(b + 1) * self.batch_size]
+        return rank_slice(order[b * self.batch_size:(b + 1) * self.batch_size], self.dist)
 
     def batch(self, epoch: int, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(inputs float32 (B,C,H,W) normalised, labels int64 (B,), ids int64 (B,))."""
         pos = self._positions(epoch, b)
+        seed = _batch_seed(self.seed, epoch, b, self.dist.rank)
+        if len(pos) == 0:  # a short last batch with fewer rows than ranks: this rank has none
+            size = self.prep.input_size
+            return (torch.zeros(0, self.prep.in_chans, size, size), torch.zeros(0, dtype=torch.int64),
+                    torch.zeros(0, dtype=torch.int64))
         if self._folder is not None:
-            return self._folder.collate(pos, _batch_seed(self.seed, epoch, b))
+            return self._folder.collate(pos, seed)
         a = self._arrays
         x = a.images[pos]
-        g = torch.Generator().manual_seed(_batch_seed(self.seed, epoch, b))
+        g = torch.Generator().manual_seed(seed)
         if self.randaugment is not None:
             x = self._apply_randaugment(x, g)
         x = x.float().div_(255.0)

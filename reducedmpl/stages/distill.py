@@ -27,15 +27,14 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from .. import __version__
-from .. import mpl
+from .. import __version__, distributed, mpl
 from ..config import DataConfig, DistillConfig, from_dict, to_dict
 from ..data.loading import Batcher, BatchStream, default_preprocess
 from ..data.sources import load_source
 from ..data.splits import make_splits
-from ..engine import (MetricsLog, autocast, create_optimizer, create_scheduler, evaluate, grad_scaler,
-                      prepare_model, prepare_out_dir, progress, resolve_device, resume_state, rng_state,
-                      seed_everything, set_rng_state, to_device, write_config)
+from ..engine import (MetricsLog, autocast, create_optimizer, create_scheduler, evaluate, graceful_stop, grad_scaler,
+                      prepare_model, prepare_run, progress, rank_rng_states, resolve_device, restore_rank_rng,
+                      seed_everything, to_device, wrap_ddp, write_config, write_text_atomic)
 from ..errors import ArtifactError, UserError
 from ..models import atomic_save, check_model_name, create_model, safe_load
 from ..targets import TargetStore
@@ -61,19 +60,30 @@ class StepOutput:
 
 
 class Distiller:
-    """Holds the models, optimizers and batch streams; ``step()`` runs one training step."""
+    """Holds the models, optimizers and batch streams; ``step()`` runs one training step.
 
-    def __init__(self, cfg: DistillConfig, data: DataSetup, store: TargetStore, device: torch.device):
+    Under torchrun (``dist``) the student is DistributedDataParallel over the ranks' shares of each global
+    batch; the reduced teacher is a plain replica on every rank that stays identical: it starts from rank 0's
+    parameters, its MPL signal comes from losses averaged over the ranks, and its gradients are averaged.
+    """
+
+    def __init__(self, cfg: DistillConfig, data: DataSetup, store: TargetStore, device: torch.device,
+                 dist: distributed.Dist | None = None):
         self.cfg, self.data, self.store, self.device = cfg, data, store, device
+        self.dist = dist = dist or distributed.Dist()
         self.use_amp = cfg.amp and device.type == "cuda"
         src, rows, prep = data.source, data.splits.indices, data.prep
         seed_everything(cfg.seed)
         student = create_model(cfg.student, src.num_classes, prep.in_chans, input_size=prep.input_size)
         self.student = prepare_model(student, device, cfg.channels_last)
-        self.train_model = torch.compile(self.student) if cfg.compile else self.student
+        self.train_model = wrap_ddp(self.student, device, dist)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
         self.teacher = mpl.ReducedTeacher(src.num_classes, cfg.reduced_teacher.hidden, cfg.reduced_teacher.depth,
                                           cfg.reduced_teacher.extra_features,
                                           cfg.reduced_teacher.learn_temperature).to(device)
+        dist.broadcast_([*self.teacher.parameters(), *self.teacher.buffers()])
+        seed_everything(cfg.seed, dist.rank)  # the ranks' own randomness (dropout) differs from here on
         self.opt_s = create_optimizer(self.student, cfg.student_optim)
         self.opt_t = create_optimizer(self.teacher, cfg.teacher_optim)
         warm = int(cfg.student_optim.warmup_epochs * cfg.steps)
@@ -90,10 +100,10 @@ class Distiller:
         pool = np.union1d(rows["labeled"], rows["unlabeled"])
         data_cfg = from_dict(DataConfig, cfg.data, "data")
         self.labeled = BatchStream(Batcher(src, rows["labeled"], prep, data_cfg, batch_size=cfg.batch_size,
-                                           train=True, seed=cfg.seed, drop_last=True))
+                                           train=True, seed=cfg.seed, drop_last=True, dist=dist))
         self.unlabeled = BatchStream(Batcher(src, pool, prep, data_cfg,
                                              batch_size=cfg.unlabeled_batch_size, train=True,
-                                             seed=cfg.seed + 7919, drop_last=True))
+                                             seed=cfg.seed + 7919, drop_last=True, dist=dist))
         self.finetune_opt = None
         self.step_count = 0
 
@@ -116,6 +126,7 @@ class Distiller:
     def _teacher_update(self, loss: torch.Tensor) -> None:
         self.opt_t.zero_grad(set_to_none=True)
         loss.backward()
+        self.dist.average_(p.grad for p in self.teacher.parameters())
         torch.nn.utils.clip_grad_norm_(self.teacher.parameters(), 5.0)
         self.opt_t.step()
 
@@ -143,6 +154,10 @@ class Distiller:
             out = self._kd_step()
         else:
             out = self._mpl_step(measure)
+        if self.dist.enabled:  # every rank reports (and checks) the same numbers: the means over the ranks
+            fields = dataclasses.fields(out)
+            means = self.dist.mean([getattr(out, f.name) for f in fields], self.device)
+            out = StepOutput(**{f.name: v for f, v in zip(fields, means)})
         self.step_count += 1
         if self.step_count <= cfg.steps:
             self.sched_s.step_update(self.step_count)
@@ -228,13 +243,16 @@ class Distiller:
             loss_new_t = F.cross_entropy(self._forward_keep_stats(x_l), y_l)
             params = [p for p in self.student.parameters() if p.requires_grad]
             names = [n for n, p in self.student.named_parameters() if p.requires_grad]
-            grads = torch.autograd.grad(loss_new_t, params)
-            v = {n: g.detach() for n, g in zip(names, grads)}
+            grads = [g.detach() for g in torch.autograd.grad(loss_new_t, params)]
+            self.dist.average_(grads)  # v is the gradient of the global labeled batch's loss
+            v = dict(zip(names, grads))
             loss_new = loss_new_t.item()
             J = self._directional(theta, x_u, v, logits_u.detach(), rng)
             step_scale = self._step_scale(theta, lr)
         else:
             loss_new, _ = self._labeled_loss(x_l, y_l)
+        if need_h and self.dist.enabled:  # the losses of the global labeled batch
+            loss_old, loss_new = self.dist.mean([loss_old, loss_new], self.device)
         h = mpl.mpl_signal(loss_old, loss_new) if need_h else math.nan
 
         # 6. the teacher's update
@@ -303,7 +321,7 @@ class Distiller:
             "baseline": self.baseline.state_dict() if self.baseline is not None else None,
             "finetune_opt": self.finetune_opt.state_dict() if self.finetune_opt is not None else None,
             "labeled": self.labeled.state_dict(), "unlabeled": self.unlabeled.state_dict(),
-            "step": self.step_count, "rng": rng_state(),
+            "step": self.step_count, "rng": rank_rng_states(self.dist),
         }
 
     def load_state_dict(self, s: dict) -> None:
@@ -324,7 +342,7 @@ class Distiller:
         self.labeled.load_state_dict(s["labeled"])
         self.unlabeled.load_state_dict(s["unlabeled"])
         self.step_count = s["step"]
-        set_rng_state(s["rng"])
+        restore_rank_rng(s["rng"], self.dist)
 
     def eval_model(self):
         return self.ema.module if self.ema is not None else self.student
@@ -371,6 +389,12 @@ def run(cfg: DistillConfig, targets: str | Path, out: str | Path, *, resume: boo
     console = console or Console(stderr=True)
     check_model_name(cfg.student)
     device = resolve_device(cfg.device)
+    dist = distributed.setup(device)
+    if not dist.is_main:
+        console, quiet = Console(quiet=True), True
+    distributed.check_divisible("distill.batch_size", cfg.batch_size, dist)
+    if cfg.mode != "supervised":
+        distributed.check_divisible("distill.unlabeled_batch_size", cfg.unlabeled_batch_size, dist)
     store = open_store(targets, cfg.memory_budget_mb)
     try:
         data_cfg = resolve_data(cfg, store)
@@ -382,26 +406,26 @@ def run(cfg: DistillConfig, targets: str | Path, out: str | Path, *, resume: boo
         if cfg.mode != "supervised":
             needed["unlabeled"] = splits.indices["unlabeled"]
         check_store(store, data, needed)
-        return _run(cfg, data, store, device, Path(out), resume, overwrite, console, quiet)
+        return _run(cfg, data, store, device, dist, Path(out), resume, overwrite, console, quiet)
     finally:
         store.close()
 
 
-def _run(cfg, data, store, device, out, resume, overwrite, console, quiet) -> dict:
-    out = prepare_out_dir(out, ARTIFACT, resume, overwrite)
+def _run(cfg, data, store, device, dist, out, resume, overwrite, console, quiet) -> dict:
     config_dict = {**to_dict(cfg), "targets": str(store.path),
                    "targets_run_key": store.meta.run_key}
+    out, state = prepare_run(out, ARTIFACT, resume, overwrite, config_dict, dist)
     last_path = out / "last.pt"
-    state = resume_state(out, ARTIFACT, resume, config_dict)
+    main = dist.is_main
 
-    d = Distiller(cfg, data, store, device)
+    d = Distiller(cfg, data, store, device, dist)
     rows = data.splits.indices
     data_cfg = from_dict(DataConfig, cfg.data, "data")
     eval_bs = 256
     val_b = Batcher(data.source, rows["val"], data.prep, data_cfg, batch_size=eval_bs, train=False,
-                    seed=0) if len(rows["val"]) else None
+                    seed=0, dist=dist) if len(rows["val"]) else None
     lab_b = Batcher(data.source, rows["labeled"], data.prep, data_cfg, batch_size=eval_bs, train=False,
-                    seed=0)
+                    seed=0, dist=dist)
     probe_ids = _probe_ids(rows, cfg.probe_size)
     probes = {"ids": probe_ids.tolist(), "labels": data.source.labels[probe_ids].tolist(),
               "large": store.log_probs(probe_ids).tolist() if len(probe_ids) else [], "snapshots": {}}
@@ -409,8 +433,10 @@ def _run(cfg, data, store, device, out, resume, overwrite, console, quiet) -> di
         d.load_state_dict(state["distiller"])
         probes = state["probes"]
         console.print(f"resuming {out} at step {d.step_count}/{cfg.steps + cfg.finetune_steps}")
-    metrics = MetricsLog(out / "metrics.jsonl", keep_until=("step", d.step_count) if state else None)
-    write_config(out, config_dict)
+    metrics = MetricsLog(out / "metrics.jsonl", keep_until=("step", d.step_count) if state else None,
+                         enabled=main)
+    if main:
+        write_config(out, config_dict)
 
     total = cfg.steps + cfg.finetune_steps
     probe_steps = {int(round(p * cfg.steps)): p for p in PROBE_POINTS}
@@ -421,8 +447,9 @@ def _run(cfg, data, store, device, out, resume, overwrite, console, quiet) -> di
         row = {}
         model = d.eval_model()
         if val_b is not None:
-            row["val_acc"] = evaluate(model, val_b.epoch(0), device, d.use_amp, cfg.channels_last)["acc"]
-        row["labeled_acc_student"] = evaluate(model, lab_b.epoch(0), device, d.use_amp, cfg.channels_last)["acc"]
+            row["val_acc"] = evaluate(model, val_b.epoch(0), device, d.use_amp, cfg.channels_last, dist)["acc"]
+        row["labeled_acc_student"] = evaluate(model, lab_b.epoch(0), device, d.use_amp, cfg.channels_last,
+                                              dist)["acc"]
         if cfg.mode == "reducedmpl":
             row.update(_teacher_accuracy(d, store, rows))
         return row
@@ -437,7 +464,7 @@ def _run(cfg, data, store, device, out, resume, overwrite, console, quiet) -> di
     if state is None:
         snapshot_probes()
         metrics.write(step=0, **evaluate_now())
-    with progress(disable=quiet) as bar:
+    with graceful_stop(dist.any) as stop, progress(disable=quiet) as bar:
         task = bar.add_task(f"distill {cfg.mode}", total=total, completed=d.step_count, info="")
         while d.step_count < total:
             measure = (d.step_count + 1) % cfg.log_every == 0
@@ -453,27 +480,41 @@ def _run(cfg, data, store, device, out, resume, overwrite, console, quiet) -> di
                     row.update(evaluate_now())
                     if row.get("val_acc", -1) > best["val_acc"]:
                         best = {"val_acc": row["val_acc"], "step": step}
-                        if cfg.select == "best":
+                        if cfg.select == "best" and main:
                             atomic_save({"state_dict": _weights(d.eval_model()), "step": step}, out / "best.pt")
                 metrics.write(**row)
                 bar.update(task, info=_progress_info(row))
             bar.update(task, completed=step)
-            if step % cfg.checkpoint_every == 0 and step < total:
-                atomic_save({"distiller": d.state_dict(), "probes": probes, "best": best, "config": config_dict},
-                            last_path)
+            stopping = stop.requested  # Ctrl-C: a checkpoint at this step, then stop
+            if step % cfg.checkpoint_every == 0 and step < total or stopping:
+                state_now = d.state_dict()  # every rank takes part: it gathers their RNG states
+                if main:
+                    atomic_save({"distiller": state_now, "probes": probes, "best": best, "config": config_dict},
+                                last_path)
+            if stopping:
+                stop.stop(f"step {step}/{total}", last_path)
 
+    dist.barrier()  # best.pt is written
     final = d.eval_model()
     if cfg.select == "best" and (out / "best.pt").exists():
         final.load_state_dict(safe_load(out / "best.pt")["state_dict"])
     test_b = Batcher(data.source, rows["test"], data.prep, data_cfg, batch_size=eval_bs, train=False,
-                     seed=0) if len(rows["test"]) else None
-    val = evaluate(final, val_b.epoch(0), device, d.use_amp, cfg.channels_last) if val_b else {}
-    test = evaluate(final, test_b.epoch(0), device, d.use_amp, cfg.channels_last) if test_b else {}
+                     seed=0, dist=dist) if len(rows["test"]) else None
+    val = evaluate(final, val_b.epoch(0), device, d.use_amp, cfg.channels_last, dist) if val_b else {}
+    test = evaluate(final, test_b.epoch(0), device, d.use_amp, cfg.channels_last, dist) if test_b else {}
     result = {"mode": cfg.mode, "student": cfg.student, "seed": cfg.seed, "steps": cfg.steps,
               "val_acc": val.get("acc"), "test_acc": test.get("acc"), "test_loss": test.get("loss"),
               "best_step": best["step"], "train_seconds": time.perf_counter() - t0}
     if cfg.mode == "reducedmpl":
         result.update({f"final_{k}": v for k, v in _teacher_accuracy(d, store, rows).items()})
+    if main:
+        _write_outputs(cfg, data, store, d, final, config_dict, result, probes, metrics, out, total)
+    dist.barrier()  # the artifacts are written before any rank goes on to use them
+    return result
+
+
+def _write_outputs(cfg, data, store, d, final, config_dict, result, probes, metrics, out, total) -> None:
+    """student.pt, reduced_teacher.pt, probes.json, result.json and the final metrics row (rank 0)."""
     artifact = build_artifact("student", final, cfg.student, data, config_dict, result, step=total)
     atomic_save(artifact, out / ARTIFACT)
     if cfg.mode == "reducedmpl":
@@ -485,8 +526,7 @@ def _run(cfg, data, store, device, out, resume, overwrite, console, quiet) -> di
     _write_json(out / "probes.json", probes)
     _write_json(out / "result.json", result)
     metrics.write(final=True, **result)
-    last_path.unlink(missing_ok=True)
-    return result
+    (out / "last.pt").unlink(missing_ok=True)
 
 
 def _probe_ids(rows: dict[str, np.ndarray], n: int) -> np.ndarray:
@@ -525,6 +565,4 @@ def _progress_info(row: dict) -> str:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(obj))

@@ -13,7 +13,6 @@ runs on the next batches.
 from __future__ import annotations
 
 import itertools
-import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from .. import __version__
+from .. import __version__, distributed
 from ..config import DataConfig, PrecomputeConfig, to_dict
 from ..data.loading import Batcher, Preprocess, default_preprocess
 from ..data.sources import Source, load_source
@@ -421,13 +420,13 @@ def build_meta(cfg: PrecomputeConfig, teacher: Teacher, data: DataSetup, prep: P
 def run(cfg: PrecomputeConfig, teacher: Teacher, out: str | Path | None = None, *, overwrite: bool = False,
         console: Console | None = None, quiet: bool = False) -> dict:
     """Write the targets store for ``teacher`` at ``out``; returns a summary (see :func:`summary_line`)."""
-    console = console or Console(stderr=True)
     t0 = time.perf_counter()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("precompute runs in one process; under torchrun every rank would write the same files",
-                          "run `reducedmpl precompute` without torchrun (use --device cuda for a GPU)")
     out = resolve_out(out, teacher)
     device = resolve_device(cfg.device)
+    dist = distributed.setup(device)
+    console = console or Console(stderr=True)
+    if not dist.is_main:
+        console, quiet = Console(quiet=True), True
     with ThreadPoolExecutor(2) as pool:  # hashing the teacher and loading the data overlap building the model
         sha_future = pool.submit(file_sha256, teacher.path)
         data_future = pool.submit(setup_data, cfg, teacher, console)
@@ -450,28 +449,35 @@ def run(cfg: PrecomputeConfig, teacher: Teacher, out: str | Path | None = None, 
     ranges = plan_shards(len(rows), cfg.shards)
     result = {"path": str(out), "rows": len(rows), "rows_per_split": rows.sizes, "run_key": meta.run_key,
               "shards": cfg.shards}
-    if prepare_out(out, meta, paths, overwrite, console):
+    if dist.on_main(lambda: prepare_out(out, meta, paths, overwrite, console)):
         return {**result, "up_to_date": True, "seconds": time.perf_counter() - t0, "bytes": _bytes(out, paths)}
 
     todo = [i for i, p in enumerate(paths) if not shard_is_complete(p, meta)]
     if len(todo) < len(paths):
         console.print(f"resuming: {len(paths) - len(todo)} of {len(paths)} shards are already complete")
-    pred = np.zeros(len(rows), np.int64)  # the teacher's top-1 class per row, for the summary
-    for i, path in enumerate(paths):
-        if i not in todo:
-            pred[slice(*ranges[i])] = _stored_predictions(path, meta)
+    if 0 < len(todo) < dist.world_size:
+        console.print(f"note: {len(todo)} shard(s) to compute for {dist.world_size} processes, so some processes "
+                      f"wait; pass --shards {dist.world_size} (or a multiple) to use them all")
+    mine = todo[dist.rank::dist.world_size]  # the shards still to do, dealt out round the ranks
     model = prepare_model(model, device, cfg.channels_last)
-    todo_rows = sum(ranges[i][1] - ranges[i][0] for i in todo)
+    pred = np.zeros(len(rows), np.int64)  # the teacher's top-1 class per row, for the summary
+    todo_rows = sum(ranges[i][1] - ranges[i][0] for i in mine)
     with progress(disable=quiet) as bar, ThreadPoolExecutor(1) as write_pool, ThreadPoolExecutor(1) as batch_pool:
         task = bar.add_task("teacher logits", total=todo_rows, info="")
-        for i in todo:
+        for i in mine:
             start, stop = ranges[i]
             batcher = Batcher(data.source, rows.ids[start:stop], prep, data.config, batch_size=cfg.batch_size,
                               train=False, seed=0) if stop > start else None
             with ShardWriter(paths[i], meta, stop - start, i, len(paths), start) as writer:
                 compute_shard(model, batcher, rows, start, stop, writer, (write_pool, batch_pool), device, cfg, pred,
                               lambda n: bar.update(task, advance=n, info=f"shard {i + 1}/{len(paths)}"))
-    write_master(out, paths, meta)
+    dist.barrier()  # every rank's shards are committed
+    if dist.is_main:
+        for i, path in enumerate(paths):
+            if i not in mine:
+                pred[slice(*ranges[i])] = _stored_predictions(path, meta)
+        write_master(out, paths, meta)
+    dist.barrier()  # the master is written before any rank goes on to use it
     return {**result, "up_to_date": False, "computed_shards": len(todo), "accuracy": split_accuracy(pred, rows),
             "seconds": time.perf_counter() - t0, "bytes": _bytes(out, paths)}
 

@@ -1,0 +1,867 @@
+"""Bad input, everywhere: one parametrized matrix over every command, plus hostile files.
+
+Every case runs the real CLI in-process and must end with exit code 2, exactly one ``error: ...`` line on stderr
+that names the problem and the fix, no traceback, and no artifact that a later stage would accept (no
+teacher.pt / student.pt / last.pt, no targets store that opens; a good artifact that was there stays unchanged).
+
+Most cases fail before any training; the few that need a teacher or a store use copies of the session fixtures.
+"""
+from __future__ import annotations
+
+import ast
+import gzip
+import hashlib
+import pickle
+import shutil
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, assert_one_line_error, cli
+from reducedmpl.errors import UserError
+from reducedmpl.targets import TargetStore
+
+FAST = ["--model", "test_resnet", "--epochs", "1", "--quiet"]
+TL_ARTIFACTS = ("teacher.pt", "last.pt", "best.pt")
+DI_ARTIFACTS = ("student.pt", "reduced_teacher.pt", "last.pt", "best.pt", "result.json")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+class Hostile:
+    """Unpickling this runs code: it opens ``marker`` for writing, which creates the file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def hostile_payload(marker: Path) -> Hostile:
+    """A Hostile object, after proving on a throw-away marker that plain pickle really runs its code."""
+    probe = marker.with_name(marker.name + ".probe")
+    pickle.loads(pickle.dumps(Hostile(probe))).close()
+    assert probe.exists(), "the hostile payload is not live; the test would prove nothing"
+    probe.unlink()
+    return Hostile(marker)
+
+
+@dataclass
+class Case:
+    argv: list
+    fragments: tuple[str, ...]  # a fragment of the problem and one of the fix (case-insensitive)
+    forbidden: list[Path] = field(default_factory=list)  # must not exist afterwards
+    stores: list[Path] = field(default_factory=list)  # must not exist, or must not open as a targets store
+    unchanged: list[Path] = field(default_factory=list)  # good artifacts that must be byte-identical afterwards
+    markers: list[Path] = field(default_factory=list)  # files that hostile code would have created
+
+
+class Fx:
+    """Lazy access to the session fixtures (a case that needs none does not train the tiny teacher)."""
+
+    def __init__(self, request: pytest.FixtureRequest):
+        self.request = request
+
+    @property
+    def teacher(self) -> Path:
+        return self.request.getfixturevalue("tiny_teacher")
+
+    @property
+    def targets(self) -> Path:
+        return self.request.getfixturevalue("tiny_targets")
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def copy_store(src_master: Path, dst: Path) -> Path:
+    """Copy a store (master and shards) into the folder ``dst``; returns the new master."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in src_master.parent.glob(src_master.stem + "*" + src_master.suffix):
+        shutil.copy2(p, dst / p.name)
+    return dst / src_master.name
+
+
+def shards_of(master: Path) -> list[Path]:
+    return sorted(master.parent.glob(f"{master.stem}-*-of-*{master.suffix}"))
+
+
+def tl_out(tmp: Path, name: str = "out") -> tuple[Path, list[Path]]:
+    out = tmp / name
+    return out, [out / a for a in TL_ARTIFACTS]
+
+
+def di_out(tmp: Path, name: str = "out") -> tuple[Path, list[Path]]:
+    out = tmp / name
+    return out, [out / a for a in DI_ARTIFACTS]
+
+
+def write_yaml(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def tiny_png(path: Path, value: int) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), value, np.uint8)).save(path)
+
+
+def teacher_artifact(fx: Fx) -> dict:
+    return torch.load(fx.teacher, weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------- train-large
+def tl_yaml_unknown_key(tmp: Path, fx: Fx) -> Case:
+    cfg = write_yaml(tmp / "c.yaml", "train_large:\n  epochz: 3\n")
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--config", cfg, "--data", "digits", "--out", out],
+                ("unknown config key 'train_large.epochz'", "did you mean 'epochs'"), bad)
+
+
+def tl_yaml_wrong_type(tmp: Path, fx: Fx) -> Case:
+    cfg = write_yaml(tmp / "c.yaml", "train_large:\n  epochs: three\n")
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--config", cfg, "--data", "digits", "--out", out],
+                ("train_large.epochs must be of type int", "fix its value"), bad)
+
+
+def tl_yaml_unknown_section(tmp: Path, fx: Fx) -> Case:
+    cfg = write_yaml(tmp / "c.yaml", "train_larg:\n  epochs: 3\n")
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--config", cfg, "--out", out],
+                ("unknown section 'train_larg'", "did you mean 'train_large'"), bad)
+
+
+def tl_yaml_section_not_mapping(tmp: Path, fx: Fx) -> Case:
+    cfg = write_yaml(tmp / "c.yaml", "data: {source: digits}\ntrain_large: [1, 2]\n")
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--config", cfg, "--out", out],
+                ("section 'train_large' in", "must be a mapping", "write it as a YAML section"), bad)
+
+
+def tl_yaml_data_not_mapping(tmp: Path, fx: Fx) -> Case:
+    cfg = write_yaml(tmp / "c.yaml", "data: [digits]\ntrain_large: {epochs: 1}\n")
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--config", cfg, "--out", out],
+                ("section 'data' in", "must be a mapping", "write it as a YAML section"), bad)
+
+
+def tl_negative_lr(tmp: Path, fx: Fx) -> Case:
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", "digits", *FAST, "--lr", "-0.1", "--out", out],
+                ("train_large.optim.lr must be > 0", "fix the value"), bad)
+
+
+def tl_negative_epochs(tmp: Path, fx: Fx) -> Case:
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", "digits", "--model", "test_resnet", "--epochs", "-2", "--out", out],
+                ("epochs must be >= 0", "fix the value"), bad)
+
+
+def tl_empty_folder(tmp: Path, fx: Fx) -> Case:
+    (tmp / "empty").mkdir()
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", f"folder:{tmp / 'empty'}", *FAST, "--out", out],
+                ("holds no class sub-folders", "DIR/CLASS/IMAGE"), bad)
+
+
+def tl_empty_npz(tmp: Path, fx: Fx) -> Case:
+    np.savez(tmp / "empty.npz", x=np.zeros((0, 8, 8), np.uint8), y=np.zeros(0, np.int64))
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", f"npz:{tmp / 'empty.npz'}", *FAST, "--out", out],
+                ("holds no images", "non-empty data set"), bad)
+
+
+def tl_too_many_labels(tmp: Path, fx: Fx) -> Case:
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", "digits", *FAST, "--set", "data.labeled_per_class=10000", "--out", out],
+                ("10000 labeled examples per class asked", "lower data.labeled_per_class"), bad)
+
+
+def tl_unreadable_image(tmp: Path, fx: Fx) -> Case:
+    root = tmp / "imgs"
+    for i in range(4):
+        tiny_png(root / "class_a" / f"{i}.png", 40 * i)
+        tiny_png(root / "class_b" / f"{i}.png", 200 - 40 * i)
+    (root / "class_a" / "bad.png").write_bytes(b"\x00garbage, not an image\xff" * 8)
+    out, bad = tl_out(tmp)
+    # no val/test split and one batch of all 9 images: the corrupt file is read in the first training batch
+    return Case(["train-large", "--data", f"folder:{root}", *FAST, "--batch-size", "16", "--device", "cpu",
+                 "--set", "data.input_size=8", "--set", "data.val_size=0", "--set", "data.test_size=0",
+                 "--out", out], ("cannot read image file", "bad.png", "replace or delete the corrupt file"), bad)
+
+
+def tl_truncated_idx(tmp: Path, fx: Fx) -> Case:
+    folder = tmp / "mnist"
+    folder.mkdir()
+    n = 10
+    images = struct.pack(">IIII", 0x803, n, 28, 28) + bytes(28 * 28 * n)
+    (folder / "train-images-idx3-ubyte").write_bytes(images[: len(images) // 2])  # cut in the middle
+    (folder / "train-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, n) + bytes(range(n)))
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", f"mnist:{folder}", *FAST, "--out", out],
+                ("train-images-idx3-ubyte is truncated", "download the file again"), bad)
+
+
+def tl_truncated_gzip_idx(tmp: Path, fx: Fx) -> Case:
+    folder = tmp / "mnist"
+    folder.mkdir()
+    n = 10
+    images = gzip.compress(struct.pack(">IIII", 0x803, n, 28, 28) + bytes(28 * 28 * n))
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(images[: len(images) - 12])
+    (folder / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(struct.pack(">II", 0x801, n) + bytes(n)))
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", f"mnist:{folder}", *FAST, "--out", out],
+                ("truncated or corrupt gzip file", "download the file again"), bad)
+
+
+def tl_truncated_cifar(tmp: Path, fx: Fx) -> Case:
+    folder = tmp / "cifar" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}, protocol=4))
+    batch = pickle.dumps({"data": np.zeros((20, 3072), np.uint8), "labels": [i % 10 for i in range(20)]},
+                         protocol=4)
+    for name in ["data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]:
+        (folder / name).write_bytes(batch)
+    (folder / "data_batch_1").write_bytes(batch[: len(batch) // 2])
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", f"cifar10:{tmp / 'cifar'}", *FAST, "--out", out],
+                ("data_batch_1 is truncated", "extract the CIFAR archive again"), bad)
+
+
+def tl_unknown_model(tmp: Path, fx: Fx) -> Case:
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", "digits", "--model", "resnet_18", "--out", out],
+                ("unknown timm model 'resnet_18'", "did you mean resnet18"), bad)
+
+
+def tl_init_other_arch(tmp: Path, fx: Fx) -> Case:
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", "digits", "--model", "resnet10t", "--epochs", "0", "--quiet",
+                 "--init", f"checkpoint:{fx.teacher}", "--out", out],
+                ("does not fit model 'resnet10t'", "pass the architecture the checkpoint was trained with"), bad)
+
+
+def tl_init_truncated(tmp: Path, fx: Fx) -> Case:
+    ckpt = tmp / "trunc.pt"
+    ckpt.write_bytes(fx.teacher.read_bytes()[:3000])
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", "digits", *FAST, "--init", f"checkpoint:{ckpt}", "--out", out],
+                ("is corrupt or truncated", "write it again"), bad)
+
+
+def tl_init_missing(tmp: Path, fx: Fx) -> Case:
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", "digits", *FAST, "--init", f"checkpoint:{tmp / 'nope.pt'}", "--out", out],
+                ("nope.pt does not exist", "check the path"), bad)
+
+
+def tl_init_other_class_count(tmp: Path, fx: Fx) -> Case:
+    import timm
+
+    torch.save(timm.create_model("test_resnet", num_classes=5, in_chans=1).state_dict(), tmp / "five.pth")
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", "digits", *FAST, "--init", f"checkpoint:{tmp / 'five.pth'}", "--out", out],
+                ("classifier for another number of classes", "--reset-head"), bad)
+
+
+def tl_init_hostile(tmp: Path, fx: Fx) -> Case:
+    marker = tmp / "PWNED"
+    sd = teacher_artifact(fx)["state_dict"]
+    torch.save({"state_dict": sd, "x": hostile_payload(marker)}, tmp / "hostile.pt")
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", "digits", *FAST, "--init", f"checkpoint:{tmp / 'hostile.pt'}",
+                 "--out", out], ("holds pickled Python objects", "save a plain state dict"), bad,
+                markers=[marker])
+
+
+def tl_out_holds_run(tmp: Path, fx: Fx) -> Case:
+    run = tmp / "run"
+    run.mkdir()
+    shutil.copy2(fx.teacher, run / "teacher.pt")
+    shutil.copy2(fx.teacher.parent / "config.yaml", run / "config.yaml")
+    return Case(["train-large", "--data", "digits", *FAST, "--out", run],
+                ("already holds a run", "pass --resume to continue it, --overwrite to replace it"),
+                [run / "last.pt"], unchanged=[run / "teacher.pt", run / "config.yaml"])
+
+
+def tl_resume_nothing(tmp: Path, fx: Fx) -> Case:
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", "digits", *FAST, "--resume", "--out", out],
+                ("there is no run to resume", "drop --resume"), bad)
+
+
+def tl_resume_finished(tmp: Path, fx: Fx) -> Case:
+    run = tmp / "run"
+    run.mkdir()
+    shutil.copy2(fx.teacher, run / "teacher.pt")
+    shutil.copy2(fx.teacher.parent / "config.yaml", run / "config.yaml")
+    return Case(["train-large", "--data", "digits", *FAST, "--resume", "--out", run],
+                ("holds a finished run", "--overwrite"), [run / "last.pt"],
+                unchanged=[run / "teacher.pt", run / "config.yaml"])
+
+
+def tl_resume_hostile(tmp: Path, fx: Fx) -> Case:
+    marker = tmp / "PWNED"
+    run = tmp / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("epochs: 1\n")
+    torch.save({"model": {}, "epoch": 0, "x": hostile_payload(marker)}, run / "last.pt")
+    return Case(["train-large", "--data", "digits", *FAST, "--resume", "--out", run],
+                ("resume checkpoint", "holds pickled Python objects", "save a plain state dict"),
+                [run / "teacher.pt"], unchanged=[run / "last.pt"], markers=[marker])
+
+
+def tl_device_cuda(tmp: Path, fx: Fx) -> Case:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", "digits", *FAST, "--device", "cuda", "--out", out],
+                ("CUDA is not available", "use --device cpu or auto"), bad)
+
+
+def tl_bad_device_name(tmp: Path, fx: Fx) -> Case:
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", "digits", *FAST, "--device", "gpu0", "--out", out],
+                ("device must be auto, cpu, cuda or cuda:N", "fix the value"), bad)
+
+
+def tl_unknown_source_prefix(tmp: Path, fx: Fx) -> Case:
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", "imagenet:/data/imagenet", *FAST, "--out", out],
+                ("unknown data source 'imagenet:/data/imagenet'", "use one of: digits"), bad)
+
+
+def tl_missing_data_path(tmp: Path, fx: Fx) -> Case:
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", f"mnist:{tmp / 'no-such-dir'}", *FAST, "--out", out],
+                ("no-such-dir does not exist", "use one of"), bad)
+
+
+def tl_yaml_python_object(tmp: Path, fx: Fx) -> Case:
+    marker = tmp / "PWNED"
+    cfg = write_yaml(tmp / "c.yaml", f'train_large: !!python/object/apply:os.system ["touch {marker}"]\n')
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--config", cfg, "--data", "digits", "--out", out],
+                ("python/object/apply:os.system", "plain YAML"), bad, markers=[marker])
+
+
+def tl_yaml_python_name(tmp: Path, fx: Fx) -> Case:
+    cfg = write_yaml(tmp / "c.yaml", "train_large:\n  model: !!python/name:os.system\n")
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--config", cfg, "--data", "digits", "--out", out],
+                ("python/name:os.system", "plain YAML"), bad)
+
+
+def tl_set_python_tag(tmp: Path, fx: Fx) -> Case:
+    marker = tmp / "PWNED"
+    out, bad = tl_out(tmp)
+    return Case(["train-large", *FAST, "--out", out,
+                 "--set", f'data.source=!!python/object/apply:os.system ["touch {marker}"]'],
+                ("unknown data source '!!python/object/apply:os.system", "use one of"), bad, markers=[marker])
+
+
+def tl_malformed_set(tmp: Path, fx: Fx) -> Case:
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", "digits", *FAST, "--set", "train_large.epochs", "--out", out],
+                ("is not of the form key=value", "--set train_large.epochs=3"), bad)
+
+
+# ---------------------------------------------------------------------------------------------- precompute
+def pc_out(tmp: Path) -> tuple[Path, list[Path]]:
+    out = tmp / "pc" / "targets.h5"
+    return out, [out]
+
+
+def pc_topk_too_large(tmp: Path, fx: Fx) -> Case:
+    out, stores = pc_out(tmp)
+    return Case(["precompute", "--teacher", fx.teacher, "--topk", "10", "--out", out, "--quiet"],
+                ("topk=10 must be 0 (dense) or in 1..9", "use --topk below that"), stores=stores)
+
+
+def pc_negative_topk(tmp: Path, fx: Fx) -> Case:
+    out, stores = pc_out(tmp)
+    return Case(["precompute", "--teacher", fx.teacher, "--topk", "-1", "--out", out, "--quiet"],
+                ("precompute.topk must be >= 0", "fix the value"), stores=stores)
+
+
+def pc_teacher_truncated(tmp: Path, fx: Fx) -> Case:
+    (tmp / "teacher.pt").write_bytes(fx.teacher.read_bytes()[:-4096])
+    out, stores = pc_out(tmp)
+    return Case(["precompute", "--teacher", tmp / "teacher.pt", "--out", out, "--quiet"],
+                ("is corrupt or truncated", "write it again"), stores=stores)
+
+
+def pc_teacher_other_arch(tmp: Path, fx: Fx) -> Case:
+    art = teacher_artifact(fx)
+    art["arch"] = "resnet10t"
+    torch.save(art, tmp / "teacher.pt")
+    out, stores = pc_out(tmp)
+    return Case(["precompute", "--teacher", tmp / "teacher.pt", "--out", out, "--quiet"],
+                ("do not fit 'resnet10t'", "write the teacher again with train-large"), stores=stores)
+
+
+def pc_checkpoint_other_arch(tmp: Path, fx: Fx) -> Case:
+    out, stores = pc_out(tmp)
+    return Case(["precompute", "--model", "resnet10t", "--checkpoint", fx.teacher, "--data", "digits",
+                 "--out", out, "--quiet"],
+                ("does not fit model 'resnet10t'", "pass the architecture"), stores=stores)
+
+
+def pc_teacher_hostile(tmp: Path, fx: Fx) -> Case:
+    marker = tmp / "PWNED"
+    art = teacher_artifact(fx)
+    art["x"] = hostile_payload(marker)
+    torch.save(art, tmp / "teacher.pt")
+    out, stores = pc_out(tmp)
+    return Case(["precompute", "--teacher", tmp / "teacher.pt", "--out", out, "--quiet"],
+                ("holds pickled Python objects", "save a plain state dict"), stores=stores, markers=[marker])
+
+
+def pc_checkpoint_hostile(tmp: Path, fx: Fx) -> Case:
+    marker = tmp / "PWNED"
+    torch.save({"state_dict": teacher_artifact(fx)["state_dict"], "x": hostile_payload(marker)}, tmp / "w.pth")
+    out, stores = pc_out(tmp)
+    return Case(["precompute", "--model", "test_resnet", "--checkpoint", tmp / "w.pth", "--data", "digits",
+                 "--out", out, "--quiet"],
+                ("holds pickled Python objects", "save a plain state dict"), stores=stores, markers=[marker])
+
+
+def pc_class_count(tmp: Path, fx: Fx) -> Case:
+    rng = np.random.default_rng(0)
+    np.savez(tmp / "three.npz", x=rng.integers(0, 255, (120, 8, 8), dtype=np.uint8), y=np.arange(120) % 3)
+    out, stores = pc_out(tmp)
+    return Case(["precompute", "--teacher", fx.teacher, "--data", f"npz:{tmp / 'three.npz'}", "--out", out,
+                 "--quiet"], ("predicts 10 classes", "has 3", "precompute with data of the teacher's classes"),
+                stores=stores)
+
+
+def pc_out_holds_other_store(tmp: Path, fx: Fx) -> Case:
+    master = copy_store(fx.targets, tmp / "store")
+    return Case(["precompute", "--teacher", fx.teacher, "--dtype", "float16", "--out", master, "--quiet"],
+                ("already holds a targets store from another precompute run", "pass --overwrite"),
+                unchanged=[master, *shards_of(master)])
+
+
+def pc_no_teacher(tmp: Path, fx: Fx) -> Case:
+    out, stores = pc_out(tmp)
+    return Case(["precompute", "--checkpoint", tmp / "w.pth", "--out", out, "--quiet"],
+                ("no teacher given (--model is missing)", "pass --teacher"), stores=stores)
+
+
+# ---------------------------------------------------------------------------------------------- distill
+def _distill(master: Path, out: Path, *extra: str) -> list:
+    return ["distill", "--targets", master, "--mode", "kd", "--steps", "2", "--quiet", "--device", "cpu",
+            "--set", "eval_every=1", "--set", "probe_size=2", "--out", out, *extra]
+
+
+def di_other_data(tmp: Path, fx: Fx) -> Case:
+    out, bad = di_out(tmp)
+    return Case(_distill(fx.targets, out, "--set", "data.labeled_per_class=5"),
+                ("was computed for other data", "run `reducedmpl precompute` for this data"), bad,
+                unchanged=[fx.targets])
+
+
+def di_missing_shard(tmp: Path, fx: Fx) -> Case:
+    master = copy_store(fx.targets, tmp / "store")
+    shards_of(master)[0].unlink()
+    out, bad = di_out(tmp)
+    return Case(_distill(master, out), ("needs shard", "which is missing", "copy the whole store folder"),
+                bad, stores=[master])
+
+
+def di_master_without_shards(tmp: Path, fx: Fx) -> Case:
+    (tmp / "alone").mkdir()
+    shutil.copy2(fx.targets, tmp / "alone" / "targets.h5")
+    out, bad = di_out(tmp)
+    return Case(_distill(tmp / "alone", out), ("needs shard", "copy the whole store folder, or rerun precompute"),
+                bad, stores=[tmp / "alone" / "targets.h5"])
+
+
+def di_incomplete_master(tmp: Path, fx: Fx) -> Case:
+    master = copy_store(fx.targets, tmp / "store")
+    with h5py.File(master, "r+") as f:
+        f.attrs["complete"] = False
+    out, bad = di_out(tmp)
+    return Case(_distill(master, out), ("is incomplete", "rerun it"), bad, stores=[master])
+
+
+def di_unknown_schema(tmp: Path, fx: Fx) -> Case:
+    master = copy_store(fx.targets, tmp / "store")
+    with h5py.File(master, "r+") as f:
+        f.attrs["schema_version"] = 99
+    out, bad = di_out(tmp)
+    return Case(_distill(master, out), ("has schema version 99", "rerun precompute with this reducedmpl"), bad,
+                stores=[master])
+
+
+def di_nan_logits(tmp: Path, fx: Fx) -> Case:
+    master = copy_store(fx.targets, tmp / "store")
+    with h5py.File(shards_of(master)[0], "r+") as f:
+        logits = f["logits"][...]
+        logits[:, 3] = np.nan
+        logits[::7, 0] = np.inf
+        f["logits"][...] = logits
+    out, bad = di_out(tmp)
+    return Case(_distill(master, out), ("has NaN/Inf in 'logits'", "rerun `reducedmpl precompute`"), bad)
+
+
+def di_not_hdf5(tmp: Path, fx: Fx) -> Case:
+    (tmp / "targets.h5").write_bytes(b"this is not an HDF5 file\n" * 20)
+    out, bad = di_out(tmp)
+    return Case(_distill(tmp / "targets.h5", out), ("is not a readable HDF5 file", "rerun `reducedmpl precompute`"),
+                bad, stores=[tmp / "targets.h5"])
+
+
+def di_missing_store(tmp: Path, fx: Fx) -> Case:
+    out, bad = di_out(tmp)
+    return Case(_distill(tmp / "nope" / "targets.h5", out), ("does not exist", "run `reducedmpl precompute` first"),
+                bad)
+
+
+def di_outside_store_folder(tmp: Path, fx: Fx) -> Case:
+    master = outside_store(fx, tmp)
+    out, bad = di_out(tmp)
+    return Case(_distill(master, out), ("outside the store folder", "refusing to read it", "rerun precompute"),
+                bad, stores=[master])
+
+
+def di_negative_steps(tmp: Path, fx: Fx) -> Case:
+    out, bad = di_out(tmp)
+    return Case(["distill", "--targets", tmp / "t.h5", "--steps", "-5", "--out", out],
+                ("distill.steps must be >= 0", "fix the value"), bad)
+
+
+def di_unknown_mode(tmp: Path, fx: Fx) -> Case:
+    out, bad = di_out(tmp)
+    return Case(["distill", "--targets", tmp / "t.h5", "--mode", "mpl", "--out", out],
+                ("distill.mode must be one of reducedmpl, kd, supervised", "use one of the listed values"), bad)
+
+
+def di_resume_nothing(tmp: Path, fx: Fx) -> Case:
+    out, bad = di_out(tmp)
+    return Case(_distill(fx.targets, out, "--resume"), ("there is no run to resume", "drop --resume"), bad)
+
+
+def di_resume_hostile(tmp: Path, fx: Fx) -> Case:
+    marker = tmp / "PWNED"
+    run = tmp / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("steps: 2\n")
+    torch.save({"distiller": {}, "x": hostile_payload(marker)}, run / "last.pt")
+    return Case(_distill(fx.targets, run, "--resume"),
+                ("resume checkpoint", "holds pickled Python objects", "save a plain state dict"),
+                [run / "student.pt", run / "reduced_teacher.pt"], unchanged=[run / "last.pt"], markers=[marker])
+
+
+def di_class_count(tmp: Path, fx: Fx) -> Case:
+    """A store whose class names were rewritten to 11 (a store for an 11-class teacher)."""
+    master = copy_store(fx.targets, tmp / "store")
+    with h5py.File(master, "r+") as f:
+        names = [f"c{i}" for i in range(11)]
+        f.attrs["class_names"] = np.array(names, dtype=h5py.string_dtype())
+        f.attrs["num_classes"] = 11
+    out, bad = di_out(tmp)
+    return Case(_distill(master, out), ("dataset 'logits' has shape", "rerun `reducedmpl precompute`"), bad,
+                stores=[master])
+
+
+# ---------------------------------------------------------------------------------------------- inspect
+def in_missing(tmp: Path, fx: Fx) -> Case:
+    return Case(["inspect", tmp / "nothing.pt"], ("does not exist", "pass a targets.h5, teacher.pt or student.pt"))
+
+
+def in_missing_store(tmp: Path, fx: Fx) -> Case:
+    return Case(["inspect", tmp / "nothing.h5"], ("does not exist", "pass a targets.h5, teacher.pt or student.pt"))
+
+
+def in_not_artifact(tmp: Path, fx: Fx) -> Case:
+    (tmp / "notes.txt").write_text("hello\n")
+    return Case(["inspect", tmp / "notes.txt"],
+                ("neither a targets store nor a reducedmpl teacher/student artifact", "pass a targets.h5"))
+
+
+def in_plain_state_dict(tmp: Path, fx: Fx) -> Case:
+    torch.save({"w": torch.zeros(3)}, tmp / "weights.pt")
+    return Case(["inspect", tmp / "weights.pt"],
+                ("neither a targets store nor a reducedmpl teacher/student artifact", "pass a targets.h5"))
+
+
+def in_truncated(tmp: Path, fx: Fx) -> Case:
+    (tmp / "teacher.pt").write_bytes(fx.teacher.read_bytes()[:2000])
+    return Case(["inspect", tmp / "teacher.pt"], ("is corrupt or truncated", "write it again"))
+
+
+def in_hostile(tmp: Path, fx: Fx) -> Case:
+    marker = tmp / "PWNED"
+    art = teacher_artifact(fx)
+    art["x"] = hostile_payload(marker)
+    torch.save(art, tmp / "teacher.pt")
+    return Case(["inspect", tmp / "teacher.pt"], ("holds pickled Python objects", "save a plain state dict"),
+                markers=[marker])
+
+
+# ---------------------------------------------------------------------------------------------- run
+def run_args(pipeline: Path, tmp: Path, *extra: str) -> list:
+    return ["run", pipeline, "--out-root", tmp / "runs", "--quiet", *extra]
+
+
+def run_missing_pipeline(tmp: Path, fx: Fx) -> Case:
+    return Case(run_args(tmp / "nope.yaml", tmp), ("nope.yaml does not exist", "check the path"),
+                [tmp / "runs"])
+
+
+def run_not_mapping(tmp: Path, fx: Fx) -> Case:
+    p = write_yaml(tmp / "p.yaml", "- train_large\n- distill\n")
+    return Case(run_args(p, tmp), ("must hold a mapping of sections", "see pipelines/digits.yaml"), [tmp / "runs"])
+
+
+def run_invalid_yaml(tmp: Path, fx: Fx) -> Case:
+    p = write_yaml(tmp / "p.yaml", "name: x\ndistill: {steps: 3\n")
+    return Case(run_args(p, tmp), ("is not valid YAML at line", "fix the YAML syntax"), [tmp / "runs"])
+
+
+def run_malformed_set(tmp: Path, fx: Fx) -> Case:
+    p = write_yaml(tmp / "p.yaml", (REPO / "pipelines" / "digits.yaml").read_text())
+    return Case(run_args(p, tmp, "--set", "distill.steps"), ("is not of the form key=value", "write it like --set"),
+                [tmp / "runs"])
+
+
+def run_python_object(tmp: Path, fx: Fx) -> Case:
+    marker = tmp / "PWNED"
+    p = write_yaml(tmp / "p.yaml", f'name: evil\ndistill: !!python/object/apply:os.system ["touch {marker}"]\n')
+    return Case(run_args(p, tmp), ("python/object/apply:os.system", "plain YAML"), [tmp / "runs"], markers=[marker])
+
+
+def run_python_name(tmp: Path, fx: Fx) -> Case:
+    p = write_yaml(tmp / "p.yaml", "name: !!python/name:os.system\n")
+    return Case(run_args(p, tmp), ("python/name:os.system", "plain YAML"), [tmp / "runs"])
+
+
+def run_stage_data_not_mapping(tmp: Path, fx: Fx) -> Case:
+    p = write_yaml(tmp / "p.yaml", "name: x\ndata: {source: digits}\ntrain_large: {data: 3}\n")
+    return Case(run_args(p, tmp), ("train_large.data must be a mapping (got 3)", "write it as a YAML section"),
+                [tmp / "runs"])
+
+
+def run_compare_runs_not_a_list(tmp: Path, fx: Fx) -> Case:
+    """The fix holds square brackets, which the console must print as they are (not as markup)."""
+    p = write_yaml(tmp / "p.yaml", "name: x\ncompare: {runs: 3}\n")
+    return Case(run_args(p, tmp), ("compare.runs must be a list (got 3)", "write it as [a, b, ...]"), [tmp / "runs"])
+
+
+def run_missing_data(tmp: Path, fx: Fx) -> Case:
+    p = write_yaml(tmp / "p.yaml", f"name: x\ndata: {{source: 'mnist:{tmp / 'no-mnist'}'}}\n"
+                                   "train_large: {model: test_resnet}\n")
+    return Case(run_args(p, tmp), ("no-mnist does not exist", "point it at your data"), [tmp / "runs"])
+
+
+# ---------------------------------------------------------------------------------------------- report
+def report_not_a_run(tmp: Path, fx: Fx) -> Case:
+    (tmp / "folder").mkdir()
+    return Case(["report", tmp / "folder"], ("holds no index.json", "pass a run folder written by `reducedmpl run`"),
+                [tmp / "folder" / "report"])
+
+
+def report_missing_folder(tmp: Path, fx: Fx) -> Case:
+    return Case(["report", tmp / "nope"], ("holds no index.json", "pass a run folder"), [tmp / "nope"])
+
+
+def report_corrupt_index(tmp: Path, fx: Fx) -> Case:
+    (tmp / "run").mkdir()
+    (tmp / "run" / "index.json").write_text("{not json")
+    return Case(["report", tmp / "run"], ("cannot read", "index.json", "run the pipeline again"),
+                [tmp / "run" / "report"])
+
+
+def report_index_not_a_run_index(tmp: Path, fx: Fx) -> Case:
+    (tmp / "run").mkdir()
+    (tmp / "run" / "index.json").write_text('{"name": "x", "stages": [{"stage": "distill"}]}')
+    return Case(["report", tmp / "run"], ("is not an index written by `reducedmpl run`", "run the pipeline again"),
+                [tmp / "run" / "report"])
+
+
+def report_corrupt_result(tmp: Path, fx: Fx) -> Case:
+    run = tmp / "run"
+    (run / "d").mkdir(parents=True)
+    (run / "index.json").write_text('{"name": "x", "stages": [{"label": "distill-kd-0", "stage": "distill", '
+                                    '"key": "k", "folder": "d", "run": "kd", "mode": "kd", "seed": 0}]}')
+    (run / "d" / "result.json").write_text('{"test_acc": 0.')  # torn write
+    return Case(["report", run], ("cannot read", "result.json", "run the pipeline again"), [run / "report"])
+
+
+# ---------------------------------------------------------------------------------------------- the matrix
+def outside_store(fx: Fx, tmp: Path) -> Path:
+    """A master in ``tmp/store`` whose virtual datasets read a (real, complete) shard in ``tmp/elsewhere``."""
+    src = fx.targets
+    (tmp / "elsewhere").mkdir()
+    for shard in shards_of(src):
+        shutil.copy2(shard, tmp / "elsewhere" / shard.name)
+    folder = tmp / "store"
+    folder.mkdir()
+    master = folder / "targets.h5"
+    with h5py.File(src, "r") as old, h5py.File(master, "w", libver=("v110", "latest")) as new:
+        for name, ds in old.items():
+            layout = h5py.VirtualLayout(shape=ds.shape, dtype=ds.dtype)
+            for vm in ds.virtual_sources():
+                sel = vm.vspace.get_select_bounds()
+                start, stop = sel[0][0], sel[1][0] + 1
+                layout[start:stop] = h5py.VirtualSource(f"../elsewhere/{vm.file_name}", vm.dset_name,
+                                                        shape=(stop - start,) + ds.shape[1:], dtype=ds.dtype)
+            new.create_virtual_dataset(name, layout)
+        for key, value in old.attrs.items():
+            new.attrs[key] = value
+    with h5py.File(master, "r") as f:  # the hostile file really works in plain h5py
+        assert f["id"].shape[0] > 0 and np.isfinite(f["logits"][:5]).all()
+    return master
+
+
+BUILDERS: list[Callable[[Path, Fx], Case]] = [
+    tl_yaml_unknown_key, tl_yaml_wrong_type, tl_yaml_unknown_section, tl_yaml_section_not_mapping,
+    tl_yaml_data_not_mapping, tl_negative_lr, tl_negative_epochs,
+    tl_empty_folder, tl_empty_npz, tl_too_many_labels, tl_unreadable_image, tl_truncated_idx, tl_truncated_gzip_idx,
+    tl_truncated_cifar, tl_unknown_model, tl_init_other_arch, tl_init_truncated, tl_init_missing,
+    tl_init_other_class_count, tl_init_hostile, tl_out_holds_run, tl_resume_nothing, tl_resume_finished,
+    tl_resume_hostile, tl_device_cuda, tl_bad_device_name, tl_unknown_source_prefix, tl_missing_data_path,
+    tl_yaml_python_object, tl_yaml_python_name, tl_set_python_tag, tl_malformed_set,
+    pc_topk_too_large, pc_negative_topk, pc_teacher_truncated, pc_teacher_other_arch, pc_checkpoint_other_arch,
+    pc_teacher_hostile, pc_checkpoint_hostile, pc_class_count, pc_out_holds_other_store, pc_no_teacher,
+    di_other_data, di_missing_shard, di_master_without_shards, di_incomplete_master, di_unknown_schema,
+    di_nan_logits, di_not_hdf5, di_missing_store, di_outside_store_folder, di_negative_steps, di_unknown_mode,
+    di_resume_nothing, di_resume_hostile, di_class_count,
+    in_missing, in_missing_store, in_not_artifact, in_plain_state_dict, in_truncated, in_hostile,
+    run_missing_pipeline, run_not_mapping, run_invalid_yaml, run_malformed_set, run_python_object, run_python_name,
+    run_missing_data, run_stage_data_not_mapping, run_compare_runs_not_a_list,
+    report_not_a_run, report_missing_folder, report_corrupt_index, report_index_not_a_run_index,
+    report_corrupt_result,
+]
+
+
+def assert_no_acceptable_artifact(case: Case, before: dict[Path, str]) -> None:
+    for path in case.forbidden:
+        assert not path.exists(), f"{path} was left behind"
+    for store in case.stores:
+        if store.exists():
+            with pytest.raises(UserError):
+                TargetStore.open(store, memory_budget_bytes=0).close()
+    for path, digest in before.items():
+        assert path.exists() and sha(path) == digest, f"{path} was changed"
+    for marker in case.markers:
+        assert not marker.exists(), f"hostile code ran: {marker} was created"
+
+
+@pytest.mark.parametrize("build", BUILDERS, ids=[b.__name__ for b in BUILDERS])
+def test_bad_input_is_one_line_error(build, tmp_path, request):
+    case = build(tmp_path, Fx(request))
+    assert len(case.fragments) >= 2, "check a fragment of the problem and one of the fix"
+    before = {p: sha(p) for p in case.unchanged}
+    result = cli(*case.argv, check=False)
+    assert "Traceback" not in result.stdout + result.stderr
+    assert_one_line_error(result, *case.fragments)
+    assert_no_acceptable_artifact(case, before)
+
+
+def test_the_matrix_covers_every_command():
+    commands = {"tl": "train-large", "pc": "precompute", "di": "distill", "in": "inspect", "run": "run",
+                "report": "report"}
+    assert len(BUILDERS) >= 30
+    assert {b.__name__.split("_")[0] for b in BUILDERS} == set(commands)
+
+
+# ---------------------------------------------------------------------------------------------- hostile files
+def test_inspect_refuses_a_store_reading_outside_its_folder(tiny_targets, tmp_path):
+    """inspect reports the store as unsound (exit 1: its documented code for a broken artifact), never reads it."""
+    master = outside_store(SimpleNamespace(targets=tiny_targets), tmp_path)
+    r = cli("inspect", master, check=False)
+    assert r.exit_code == 1, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stdout + r.stderr
+    assert "outside the store folder" in " ".join(r.stdout.split())
+    r = cli("inspect", master, "--json", check=False)
+    assert r.exit_code == 1 and "outside the store folder" in r.stdout
+
+
+def test_yaml_tags_never_run_code(tmp_path):
+    """A python tag in a pipeline, a stage config or a --set value is refused and its code never runs."""
+    marker = tmp_path / "PWNED"
+    for i, text in enumerate([f'!!python/object/apply:os.system ["touch {marker}"]\n',
+                              f'name: !!python/object/apply:os.system ["touch {marker}"]\n',
+                              f'distill: {{steps: !!python/object/apply:os.system ["touch {marker}"]}}\n',
+                              'precompute: {dtype: !!python/name:os.system }\n']):
+        p = write_yaml(tmp_path / f"p{i}.yaml", text)
+        assert_one_line_error(cli("run", p, "--out-root", tmp_path / "runs", "--dry-run", check=False), "plain YAML")
+        assert_one_line_error(cli("distill", "--targets", tmp_path / "t.h5", "--config", p, check=False), "plain YAML")
+    r = cli("distill", "--targets", tmp_path / "t.h5", "--set", f'steps=!!python/object/apply:os.system ["touch {marker}"]',
+            check=False)
+    assert_one_line_error(r, "distill.steps must be of type int")
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------- source guards
+PACKAGE = REPO / "reducedmpl"
+
+
+def _calls(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name):
+            yield node, node.func.value.id, node.func.attr
+
+
+def _kw(call: ast.Call, name: str):
+    for kw in call.keywords:
+        if kw.arg == name:
+            return kw.value.value if isinstance(kw.value, ast.Constant) else kw.value
+    return None
+
+
+def test_every_load_in_the_package_is_safe():
+    """Every torch.load uses weights_only=True, every YAML read yaml.safe_load, every np.load allow_pickle=False;
+    nothing calls pickle.load(s) or imports a loader under another name (a cheap guard against regressions)."""
+    files = sorted(PACKAGE.rglob("*.py"))
+    assert len(files) > 10
+    seen = {"torch.load": 0, "yaml.safe_load": 0}
+    problems = []
+    for path in files:
+        tree = ast.parse(path.read_text(), str(path))
+        where = path.relative_to(REPO)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module in ("torch", "yaml", "pickle", "dill", "marshal"):
+                names = {a.name for a in node.names}
+                if names & {"load", "loads", "unsafe_load", "full_load", "Unpickler", "UnsafeLoader", "Loader",
+                            "FullLoader"}:
+                    problems.append(f"{where}:{node.lineno}: from {node.module} import {sorted(names)}")
+            if isinstance(node, ast.Import) and any(a.name in ("dill", "marshal", "shelve", "jsonpickle")
+                                                    for a in node.names):
+                problems.append(f"{where}:{node.lineno}: imports an unsafe deserialiser")
+        for call, mod, attr in _calls(tree):
+            line = f"{where}:{call.lineno}"
+            if mod == "torch" and attr == "load":
+                seen["torch.load"] += 1
+                if _kw(call, "weights_only") is not True:
+                    problems.append(f"{line}: torch.load without weights_only=True")
+            if mod == "yaml" and attr in ("load", "load_all", "unsafe_load", "unsafe_load_all", "full_load",
+                                          "full_load_all"):
+                problems.append(f"{line}: yaml.{attr} (use yaml.safe_load)")
+            if mod == "yaml" and attr == "safe_load":
+                seen["yaml.safe_load"] += 1
+            if mod == "pickle" and attr in ("load", "loads"):
+                problems.append(f"{line}: pickle.{attr} (unpickle only with a restricted Unpickler)")
+            if mod in ("np", "numpy") and attr == "load" and _kw(call, "allow_pickle") is not False:
+                problems.append(f"{line}: np.load without allow_pickle=False")
+    assert not problems, "\n".join(problems)
+    assert seen["torch.load"] >= 2 and seen["yaml.safe_load"] >= 2, seen
+    # the one pickle reader (CIFAR batches) imports nothing but numpy's array rebuilders
+    from reducedmpl.data import sources
+
+    assert set(sources._PICKLE_ALLOWED) <= {("numpy.core.multiarray", "_reconstruct"),
+                                            ("numpy._core.multiarray", "_reconstruct"),
+                                            ("numpy", "ndarray"), ("numpy", "dtype")}
