@@ -6,8 +6,9 @@ order, and the median ratio printed:
 * precompute: rows per second of teacher inference + HDF5 writing (``seconds`` of the stage's own summary, so the
   start of the Python processes is not counted), a resnet18 teacher with random weights over the MNIST test
   images (scikit-learn digits where MNIST is absent), ``--shards`` a multiple of N;
-* distill: training steps per second of ReducedMPL (exact teacher gradient), from ``train_seconds`` of the run's
-  ``result.json``, the same global batch for 1 and N processes (so N processes each get 1/N of it).
+* distill: training steps per second of ReducedMPL (exact teacher gradient) and of kd (the student under DDP
+  alone, no reduced teacher), from ``train_seconds`` of the run's ``result.json``, the same global batch for 1
+  and N processes (so N processes each get 1/N of it).
 
 The cores are shared fairly: 1 process uses all ``--threads`` torch threads, each of the N processes
 ``threads / N``. On a machine with as many cores as threads and no accelerator this measures what
@@ -67,9 +68,11 @@ def precompute_rate(nproc: int, threads: int, teacher: Path, folder: Path, shard
     return rows / float(found.group(1))
 
 
-def distill_rate(nproc: int, threads: int, targets: Path, folder: Path, steps: int, student: str) -> float:
+def distill_rate(nproc: int, threads: int, targets: Path, folder: Path, steps: int, student: str,
+                 mode: str) -> float:
     out = folder / f"distill-{nproc}-{time.monotonic_ns()}"
     launch(nproc, threads, ["distill", "--targets", str(targets), "--student", student, "--steps", str(steps),
+                            "--mode", mode,
                             "--out", str(out), "--quiet", "--set", f"distill.eval_every={10 * steps}",
                             "--set", f"distill.log_every={steps}", "--set", "distill.batch_size=32",
                             "--set", "distill.unlabeled_batch_size=128", "--set", "distill.probe_size=0"])
@@ -87,6 +90,7 @@ def main() -> None:
     p.add_argument("--teacher", default="resnet18")
     p.add_argument("--student", default="resnet10t")
     p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--modes", default="reducedmpl,kd", help="distill modes to measure (kd: DDP alone)")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,16 +103,18 @@ def main() -> None:
         launch(1, args.threads, ["precompute", "--teacher", str(teacher), "--out", str(targets), "--quiet"])
         print(f"data {args.data}; teacher {args.teacher}; student {args.student}; {args.threads} torch threads "
               f"shared by the processes; {os.cpu_count()} cores; {args.repeats} repeats, order alternating")
-        for name, measure in (
-                ("precompute rows/s", lambda n: precompute_rate(n, args.threads, teacher, folder, 2 * args.nproc)),
-                ("distill steps/s", lambda n: distill_rate(n, args.threads, targets, folder, args.steps,
-                                                           args.student))):
+        jobs = [("precompute rows/s", lambda n: precompute_rate(n, args.threads, teacher, folder, 2 * args.nproc))]
+        for mode in args.modes.split(","):
+            jobs.append((f"distill {mode} steps/s",
+                         lambda n, mode=mode: distill_rate(n, args.threads, targets, folder, args.steps, args.student,
+                                                           mode)))
+        for name, measure in jobs:
             one, many = [], []
             for r in range(args.repeats):
                 for n in ((1, args.nproc) if r % 2 == 0 else (args.nproc, 1)):
                     (one if n == 1 else many).append(measure(n))
             ratios = [m / o for m, o in zip(many, one)]
-            print(f"{name:18s} 1 process {statistics.median(one):9.1f}   {args.nproc} processes "
+            print(f"{name:26s} 1 process {statistics.median(one):9.1f}   {args.nproc} processes "
                   f"{statistics.median(many):9.1f}   ratio {args.nproc}/1: median {statistics.median(ratios):.3f} "
                   f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
 

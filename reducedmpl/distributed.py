@@ -17,6 +17,7 @@ The conventions the stages keep:
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence, TypeVar
@@ -177,7 +178,10 @@ def setup(device: torch.device) -> Dist:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(seconds=float(os.environ.get("REDUCEDMPL_DIST_TIMEOUT", DEFAULT_TIMEOUT_S)))
-    tdist.init_process_group(backend, timeout=timeout, **({"device_id": device} if device.type == "cuda" else {}))
+    extra = {}
+    if device.type == "cuda" and "device_id" in inspect.signature(tdist.init_process_group).parameters:
+        extra["device_id"] = device  # binds nccl to this rank's GPU at once (torch >= 2.3)
+    tdist.init_process_group(backend, timeout=timeout, **extra)
     _current = Dist(rank, world, local_rank)
     return _current
 

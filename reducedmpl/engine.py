@@ -127,7 +127,7 @@ def prepare_out_dir(out: str | Path, artifact: str, resume: bool, overwrite: boo
     return out
 
 
-def resume_state(out: Path, artifact: str, resume: bool, config: dict) -> dict | None:
+def resume_state(out: Path, artifact: str, resume: bool, config: dict, ignore: tuple[str, ...] = ()) -> dict | None:
     """The ``last.pt`` state to continue from with ``--resume`` (None: start from the beginning).
 
     Refuses a folder with no run, a finished run, and a run started with other settings."""
@@ -143,14 +143,19 @@ def resume_state(out: Path, artifact: str, resume: bool, config: dict) -> dict |
     if not last.exists():
         return None  # interrupted before its first checkpoint
     state = safe_load(last, what="resume checkpoint")
-    if state.get("config") != config:
+    saved = state.get("config")
+    if not isinstance(saved, dict) or _without(saved, ignore) != _without(config, ignore):
         raise UserError(f"the run in {out} was started with other settings",
                         "resume with the same settings, or pass --overwrite to start again")
     return state
 
 
+def _without(config: dict, keys: tuple[str, ...]) -> dict:
+    return {k: v for k, v in config.items() if k not in keys}
+
+
 def prepare_run(out: str | Path, artifact: str, resume: bool, overwrite: bool, config: dict,
-                dist: Any) -> tuple[Path, dict | None]:
+                dist: Any, ignore: tuple[str, ...] = ()) -> tuple[Path, dict | None]:
     """:func:`prepare_out_dir` and :func:`resume_state` on rank 0 (every rank gets their verdict); the other
     ranks then read the same ``last.pt`` themselves."""
     from .models import safe_load
@@ -160,7 +165,7 @@ def prepare_run(out: str | Path, artifact: str, resume: bool, overwrite: bool, c
     def check() -> tuple[Path, bool]:
         nonlocal state
         folder = prepare_out_dir(out, artifact, resume, overwrite)
-        state = resume_state(folder, artifact, resume, config)
+        state = resume_state(folder, artifact, resume, config, ignore)
         return folder, state is not None
 
     folder, has_state = dist.on_main(check)

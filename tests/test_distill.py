@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 import signal
 import time
 
@@ -84,6 +85,37 @@ def test_resume_after_kill_gives_the_same_student(tiny_targets, tmp_path):
     steps = [json.loads(x).get("step") for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     steps = [s for s in steps if s is not None]
     assert steps == sorted(set(steps)), "metrics rows duplicated or out of order after resume"
+
+
+def test_a_moved_run_and_store_still_resume(tiny_targets, tmp_path, monkeypatch):
+    """--resume checks the store's run key, not where it lies: a run and its store moved elsewhere continue."""
+    store = tmp_path / "old" / "targets"
+    store.mkdir(parents=True)
+    for f in tiny_targets.parent.glob("targets*.h5"):
+        shutil.copy(f, store / f.name)
+    args = ["--steps", "6", "--quiet", "--set", "distill.checkpoint_every=3"]
+    calls = []
+    original = Distiller.step
+
+    def ctrl_c_at_step_5(self, measure):
+        calls.append(1)
+        if len(calls) == 5:
+            signal.raise_signal(signal.SIGINT)
+        return original(self, measure)
+
+    monkeypatch.setattr(Distiller, "step", ctrl_c_at_step_5)
+    r = cli("distill", "--targets", store / "targets.h5", *args, "--out", tmp_path / "old" / "run", check=False)
+    assert r.exit_code == 130, r.stderr
+    monkeypatch.undo()
+    shutil.move(tmp_path / "old", tmp_path / "new")
+    # another store of the same data (another run key) is still refused
+    other = tmp_path / "other.h5"
+    cli("precompute", "--teacher", tiny_targets.parent / "teacher.pt", "--out", other, "--dtype", "float16")
+    r = cli("distill", "--targets", other, *args, "--out", tmp_path / "new" / "run", "--resume", check=False)
+    assert_one_line_error(r, "other settings")
+    cli("distill", "--targets", tmp_path / "new" / "targets" / "targets.h5", *args, "--out",
+        tmp_path / "new" / "run", "--resume")
+    assert (tmp_path / "new" / "run" / "student.pt").exists()
 
 
 def test_refuses_targets_for_other_data(tiny_targets, tmp_path):

@@ -414,7 +414,8 @@ def run(cfg: DistillConfig, targets: str | Path, out: str | Path, *, resume: boo
 def _run(cfg, data, store, device, dist, out, resume, overwrite, console, quiet) -> dict:
     config_dict = {**to_dict(cfg), "targets": str(store.path),
                    "targets_run_key": store.meta.run_key}
-    out, state = prepare_run(out, ARTIFACT, resume, overwrite, config_dict, dist)
+    # the store is the same one when its run key is: a run and its store may move before --resume
+    out, state = prepare_run(out, ARTIFACT, resume, overwrite, config_dict, dist, ignore=("targets",))
     last_path = out / "last.pt"
     main = dist.is_main
 
