@@ -78,12 +78,12 @@ def handle_errors(fn):
     return wrapper
 
 
-def say(*objects, **kwargs) -> None:
-    """Print a command's result on stdout, once (on rank 0 under torchrun)."""
+def say(*objects, to: Console | None = None, **kwargs) -> None:
+    """Print a command's result on stdout (or ``to``), once: on rank 0 under torchrun."""
     from . import distributed
 
     if distributed.current().is_main:
-        out_console.print(*objects, **kwargs)
+        (to or out_console).print(*objects, **kwargs)
 
 
 def _version(value: bool) -> None:
@@ -208,7 +208,7 @@ def precompute(
         result = stage.run(cfg, source, out, overwrite=overwrite, console=err_console, quiet=quiet)
         say(stage.summary_line(result), highlight=False, soft_wrap=True)
     except KeyboardInterrupt:
-        err_console.print("interrupted: finished shards are kept; run the same command again to continue")
+        say("interrupted: finished shards are kept; run the same command again to continue", to=err_console)
         raise typer.Exit(130)
 
 
@@ -250,7 +250,7 @@ def run_pipeline(
         run_all(pipeline, set_ or (), force=force or (), dry_run=dry_run, out_root=out_root, console=out_console,
                 stage_console=err_console, quiet=quiet)
     except KeyboardInterrupt:
-        err_console.print("interrupted: finished stages are kept; run the same command again to resume")
+        say("interrupted: finished stages are kept; run the same command again to resume", to=err_console)
         raise typer.Exit(130)
     except DiskFullError as e:  # `run` has no --resume: running it again resumes
         raise e.with_fix("free some space, then run the same command again: it continues where it stopped") from None

@@ -202,19 +202,11 @@ def wrap_ddp(model: nn.Module, device: torch.device, dist: Any) -> nn.Module:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``path`` whole or not at all: a temporary name, then ``os.replace`` (the temporary file is removed
-    when writing fails; a full disk raises :class:`DiskFullError` naming ``path``)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with writing(path):
-        try:
-            with open(tmp, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+    """Write ``path`` whole or not at all (:func:`models.atomic_file`)."""
+    from .models import atomic_file
+
+    with atomic_file(path, "w") as f:
+        f.write(text)
 
 
 def write_config(out: Path, config: dict) -> None:

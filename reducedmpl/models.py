@@ -6,12 +6,13 @@ checkpoint_path=PATH)``: the weights sit under ``state_dict``, which timm finds 
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
 
 import timm
 import torch
@@ -128,23 +129,30 @@ def _looks_like_head(key: str) -> bool:
     return key.split(".")[0] in ("fc", "head", "classifier", "last_linear") or key.startswith("head.fc.")
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary name in the same folder, fsync, then ``os.replace``.
-
-    ``path`` is replaced only by a complete file: when writing fails (a full disk raises :class:`DiskFullError`)
-    the temporary file is removed and the file already at ``path`` (e.g. the previous checkpoint) is kept."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file beside ``path`` for writing; on a clean exit fsync it and ``os.replace`` it onto
+    ``path``. ``path`` is replaced only by a complete file: when writing fails (a full disk raises
+    :class:`DiskFullError` naming ``path``) the temporary file is removed and the file already at ``path``
+    (e.g. the previous checkpoint) is kept."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     with writing(path):
         try:
-            with open(tmp, "wb") as f:
-                torch.save(obj, f)
+            with open(tmp, mode) as f:
+                yield f
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` whole or not at all (:func:`atomic_file`)."""
+    with atomic_file(path) as f:
+        torch.save(obj, f)
 
 
 ARTIFACT_KEYS = ("kind", "state_dict", "arch", "num_classes", "in_chans", "preprocess", "class_names",
