@@ -32,9 +32,12 @@ LAUNCH_TIMEOUT = 300
 
 
 def torchrun(*args, nproc: int = 2, cwd: Path | None = None, timeout: int = LAUNCH_TIMEOUT,
-             check: bool = True) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node N -m reducedmpl ARGS`` (or a script when ARGS[0] ends in .py)."""
+             check: bool = True, literal: bool = False) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node N -m reducedmpl ARGS`` (or a script when ARGS[0] ends in .py);
+    ``literal``: ``torchrun ... reducedmpl ARGS`` in the repository folder, the form DESIGN.md and the README give."""
     target = ["-m", "reducedmpl"] if not str(args[0]).endswith(".py") else []
+    if literal:
+        target, cwd = ["reducedmpl"], REPO
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            *target, *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "REDUCEDMPL_DIST_TIMEOUT": "120"}
@@ -98,7 +101,7 @@ def teacher_1proc(tmp_path_factory) -> Path:
 
 def test_train_large_two_processes(tmp_path):
     r = torchrun("train-large", "--data", "digits", "--model", "test_resnet", "--epochs", "2", "--batch-size", "16",
-                 "--out", tmp_path / "t", "--set", "data.labeled_per_class=10", "--quiet")
+                 "--out", tmp_path / "t", "--set", "data.labeled_per_class=10", "--quiet", literal=True)
     art = torch.load(tmp_path / "t" / "teacher.pt", weights_only=True)
     assert art["kind"] == "teacher" and art["metrics"]["test_acc"] is not None
     rows = read_jsonl(tmp_path / "t" / "metrics.jsonl")
