@@ -108,7 +108,10 @@ def prepare_out_dir(out: str | Path, artifact: str, resume: bool, overwrite: boo
         raise UserError("--resume and --overwrite contradict each other", "pass only one of them")
     holds_run = out.is_dir() and any((out / n).exists() for n in (artifact, "last.pt", "config.yaml"))
     if holds_run and not (resume or overwrite):
-        raise UserError(f"output folder {out} already holds a run",
+        if (out / artifact).exists() and not (out / "last.pt").exists():
+            raise UserError(f"output folder {out} already holds a run, a finished one",
+                            "pass --overwrite to replace it, or choose another --out")
+        raise UserError(f"output folder {out} already holds a run, an unfinished one",
                         "pass --resume to continue it, --overwrite to replace it, or choose another --out")
     if overwrite and holds_run:
         for name in (artifact, "last.pt", "best.pt", "config.yaml", "metrics.jsonl"):
@@ -145,9 +148,25 @@ def resume_state(out: Path, artifact: str, resume: bool, config: dict, ignore: t
     state = safe_load(last, what="resume checkpoint")
     saved = state.get("config")
     if not isinstance(saved, dict) or _without(saved, ignore) != _without(config, ignore):
-        raise UserError(f"the run in {out} was started with other settings",
+        differ = _differing_keys(saved if isinstance(saved, dict) else {}, config, ignore)
+        raise UserError(f"the run in {out} was started with other settings ({', '.join(differ[:5])}"
+                        f"{', ...' if len(differ) > 5 else ''} differ)",
                         "resume with the same settings, or pass --overwrite to start again")
     return state
+
+
+def _differing_keys(a: dict, b: dict, ignore: tuple[str, ...] = (), prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested settings dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if k in ignore:
+            continue
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differing_keys(x, y, (), f"{prefix}{k}.")
+        elif x != y:
+            out.append(f"{prefix}{k}")
+    return out
 
 
 def _without(config: dict, keys: tuple[str, ...]) -> dict:
@@ -402,8 +421,9 @@ def graceful_stop(agree: Callable[[bool], bool] | None = None) -> Iterator[StopR
         if not under_torchrun:  # one process: a second signal should not wait
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        print("stopping after this step to write a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr,
-              flush=True)
+        if os.environ.get("RANK", "0") == "0":  # once, not once per rank
+            print("stopping after this step to write a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr,
+                  flush=True)
 
     for sig in signals:
         signal.signal(sig, on_signal)

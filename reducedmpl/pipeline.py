@@ -172,9 +172,16 @@ class Stage:
 
 
 def stage_key(kind: str, config: Any, upstream: Stage | None) -> str:
-    """sha256 of the resolved config, the upstream stage's key and the tool version."""
+    """sha256 of the resolved config, the upstream stage's key and the tool version; for the stages that train,
+    also the number of processes under torchrun (BatchNorm statistics and augmentation are per rank, so 1 and N
+    processes train different networks). A targets store is the same for any number of processes."""
     payload = {"stage": kind, "config": _without(to_dict(config), NOT_IN_KEY),
                "upstream": upstream.key if upstream is not None else None, "tool_version": __version__}
+    from .distributed import env_world_size
+
+    processes = env_world_size()
+    if kind != "precompute" and processes > 1:  # one process keeps the keys it always had
+        payload["processes"] = processes
     init = getattr(config, "init", "scratch")
     if init.startswith("checkpoint:"):  # a replaced checkpoint file changes the key (size and mtime, not a hash)
         ckpt = Path(init.split(":", 1)[1])

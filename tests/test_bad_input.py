@@ -291,8 +291,17 @@ def tl_out_holds_run(tmp: Path, fx: Fx) -> Case:
     shutil.copy2(fx.teacher, run / "teacher.pt")
     shutil.copy2(fx.teacher.parent / "config.yaml", run / "config.yaml")
     return Case(["train-large", "--data", "digits", *FAST, "--out", run],
-                ("already holds a run", "pass --resume to continue it, --overwrite to replace it"),
+                ("already holds a run, a finished one", "pass --overwrite to replace it"),
                 [run / "last.pt"], unchanged=[run / "teacher.pt", run / "config.yaml"])
+
+
+def tl_out_holds_unfinished_run(tmp: Path, fx: Fx) -> Case:
+    run = tmp / "run"
+    run.mkdir()
+    shutil.copy2(fx.teacher.parent / "config.yaml", run / "config.yaml")
+    return Case(["train-large", "--data", "digits", *FAST, "--out", run],
+                ("already holds a run, an unfinished one", "pass --resume to continue it, --overwrite to replace it"),
+                [run / "teacher.pt", run / "last.pt"], unchanged=[run / "config.yaml"])
 
 
 def tl_resume_nothing(tmp: Path, fx: Fx) -> Case:
@@ -731,7 +740,7 @@ BUILDERS: list[Callable[[Path, Fx], Case]] = [
     tl_yaml_data_not_mapping, tl_negative_lr, tl_negative_epochs,
     tl_empty_folder, tl_empty_npz, tl_too_many_labels, tl_unreadable_image, tl_truncated_idx, tl_truncated_gzip_idx,
     tl_truncated_cifar, tl_unknown_model, tl_init_other_arch, tl_init_truncated, tl_init_missing,
-    tl_init_other_class_count, tl_init_hostile, tl_out_holds_run, tl_resume_nothing, tl_resume_finished,
+    tl_init_other_class_count, tl_init_hostile, tl_out_holds_run, tl_out_holds_unfinished_run, tl_resume_nothing, tl_resume_finished,
     tl_resume_hostile, tl_device_cuda, tl_bad_device_name, tl_unknown_source_prefix, tl_missing_data_path,
     tl_yaml_python_object, tl_yaml_python_name, tl_set_python_tag, tl_malformed_set,
     pc_topk_too_large, pc_negative_topk, pc_teacher_truncated, pc_teacher_other_arch, pc_checkpoint_other_arch,

@@ -80,3 +80,12 @@ def test_missing_and_non_mapping_files(tmp_path):
     p.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         stage_config("train_large", p)
+
+
+def test_resume_with_other_settings_names_the_keys_that_differ(tmp_path):
+    from reducedmpl.engine import _differing_keys
+
+    a = {"seed": 0, "optim": {"lr": 0.1, "opt": "sgd"}, "data": {"source": "digits"}, "targets": "/a"}
+    b = {"seed": 1, "optim": {"lr": 0.2, "opt": "sgd"}, "data": {"source": "digits"}, "targets": "/b", "new": 1}
+    assert _differing_keys(a, b) == ["new", "optim.lr", "seed", "targets"]
+    assert _differing_keys(a, b, ignore=("targets",)) == ["new", "optim.lr", "seed"]

@@ -112,7 +112,7 @@ def test_a_moved_run_and_store_still_resume(tiny_targets, tmp_path, monkeypatch)
     other = tmp_path / "other.h5"
     cli("precompute", "--teacher", tiny_targets.parent / "teacher.pt", "--out", other, "--dtype", "float16")
     r = cli("distill", "--targets", other, *args, "--out", tmp_path / "new" / "run", "--resume", check=False)
-    assert_one_line_error(r, "other settings")
+    assert_one_line_error(r, "other settings (targets_run_key differ)")
     cli("distill", "--targets", tmp_path / "new" / "targets" / "targets.h5", *args, "--out",
         tmp_path / "new" / "run", "--resume")
     assert (tmp_path / "new" / "run" / "student.pt").exists()

@@ -347,3 +347,18 @@ def test_digits_pipeline_end_to_end(tmp_path):
     assert "running" not in again
     final = [json.loads(line) for line in (tmp_path / "digits" / "large" / "metrics.jsonl").read_text().splitlines()]
     assert final[-1]["test_acc"] >= 0.97
+
+
+def test_stage_keys_count_the_processes_of_training_stages(tmp_path, monkeypatch):
+    """1 and N processes train different networks (per-rank BatchNorm statistics), so a run under torchrun does
+    not reuse one-process results; a targets store is the same for any number, so its own key ignores it."""
+    from reducedmpl.pipeline import load_pipeline, plan, stage_key
+
+    path = write_pipeline(tmp_path, TINY)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    one = plan(load_pipeline(path), tmp_path / "runs")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    two = plan(load_pipeline(path), tmp_path / "runs")
+    assert one[0].key != two[0].key and one[-1].key != two[-1].key
+    large = one[0]
+    assert stage_key("precompute", one[1].config, large) == one[1].key  # same teacher: same store key

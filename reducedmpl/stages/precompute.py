@@ -457,7 +457,7 @@ def run(cfg: PrecomputeConfig, teacher: Teacher, out: str | Path | None = None, 
         console.print(f"resuming: {len(paths) - len(todo)} of {len(paths)} shards are already complete")
     if 0 < len(todo) < dist.world_size:
         console.print(f"note: {len(todo)} shard(s) to compute for {dist.world_size} processes, so some processes "
-                      f"wait; pass --shards {dist.world_size} (or a multiple) to use them all")
+                      f"wait; pass --shards {dist.world_size} (precompute.shards; or a multiple) to use them all")
     mine = todo[dist.rank::dist.world_size]  # the shards still to do, dealt out round the ranks
     model = prepare_model(model, device, cfg.channels_last)
     pred = np.zeros(len(rows), np.int64)  # the teacher's top-1 class per row, for the summary
