@@ -20,7 +20,8 @@ from .errors import ConfigError, DiskFullError, Interrupted, UserError, disk_ful
 app = typer.Typer(
     name="reducedmpl", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Low-memory Meta Pseudo Labels distillation for timm image classifiers.")
-out_console = Console(soft_wrap=True)
+# Piped into a file or a log, tables are not squeezed to 80 columns (rich's default without a terminal)
+out_console = Console(soft_wrap=True, width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
 err_console = Console(stderr=True, soft_wrap=True)
 _state = {"debug": os.environ.get("REDUCEDMPL_DEBUG") == "1"}
 

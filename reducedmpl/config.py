@@ -270,7 +270,7 @@ SECTIONS: dict[str, type] = {"train_large": TrainLargeConfig, "precompute": Prec
 # ------------------------------------------------------------------------------------------------ conversion
 def _check(ok: bool, message: str) -> None:
     if not ok:
-        raise ConfigError(message, "fix the value in the config file or the --set override")
+        raise ConfigError(message, "fix the value (where it was given: a flag, --set or the config file)")
 
 
 def _check_device(device: str) -> None:

@@ -354,7 +354,7 @@ def tl_unknown_source_prefix(tmp: Path, fx: Fx) -> Case:
 def tl_missing_data_path(tmp: Path, fx: Fx) -> Case:
     out, bad = tl_out(tmp)
     return Case(["train-large", "--data", f"mnist:{tmp / 'no-such-dir'}", *FAST, "--out", out],
-                ("no-such-dir does not exist", "use one of"), bad)
+                ("no-such-dir does not exist", "check the path; expected mnist:DIR"), bad)
 
 
 def tl_yaml_python_object(tmp: Path, fx: Fx) -> Case:

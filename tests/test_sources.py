@@ -158,12 +158,18 @@ def test_digits() -> None:
 
 @pytest.mark.parametrize(
     "spec",
-    ["", "imagenet:/data", "mnist", "mnist:", "cifar10", "folder:", "npz", "digits:/some/path", "mnist:/no/such/dir"],
+    ["", "imagenet:/data", "mnist", "mnist:", "cifar10", "folder:", "npz", "digits:/some/path"],
 )
 def test_bad_specs(spec: str) -> None:
     with pytest.raises(DataError, match="mnist:DIR") as info:
         load_source(spec)
     assert "npz:FILE" in str(info.value)
+
+
+def test_missing_path_names_only_its_own_form() -> None:
+    with pytest.raises(DataError, match="does not exist — check the path; expected mnist:DIR") as info:
+        load_source("mnist:/no/such/dir")
+    assert "npz:FILE" not in str(info.value)
 
 
 def test_spec_path_kind_mismatch(tmp_path: Path) -> None:

@@ -39,8 +39,10 @@ _DIGEST_TAG = b"reducedmpl-source-digest-v1"
 _DIGEST_CHUNK = 4096  # rows hashed per update for array sources (fixed: part of the digest definition)
 
 
-def _spec_help() -> str:
-    return "use one of: " + "; ".join(SPEC_FORMS)
+def _spec_help(kind: str | None = None) -> str:
+    """How to write a data source: every form, or only ``kind``'s."""
+    forms = [f for f in SPEC_FORMS if kind is None or f.split(":")[0].split(" ")[0] == kind]
+    return ("check the path; expected " if kind else "use one of: ") + "; ".join(forms or SPEC_FORMS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,10 +177,10 @@ def load_source(spec: str) -> Source:
     if kind == "npz":
         if not os.path.isfile(path):
             what = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
-            raise DataError(f"data source {spec!r}: {path} {what}", _spec_help())
+            raise DataError(f"data source {spec!r}: {path} {what}", _spec_help(kind))
     elif not os.path.isdir(path):
         what = "is a file, not a directory" if os.path.exists(path) else "does not exist"
-        raise DataError(f"data source {spec!r}: {path} {what}", _spec_help())
+        raise DataError(f"data source {spec!r}: {path} {what}", _spec_help(kind))
     loaders: dict[str, Callable[[str, str], Source]] = {
         "mnist": _load_mnist,
         "cifar10": _load_cifar10,
