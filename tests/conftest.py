@@ -63,3 +63,18 @@ def tiny_targets(tiny_teacher) -> Path:
     out = tiny_teacher.parent / "targets.h5"
     cli("precompute", "--teacher", tiny_teacher, "--out", out, "--dtype", "float32")
     return out
+
+
+def write_store(master: Path, meta, ids, labels, splits, logits, num_shards: int, batch: int) -> Path:
+    """A targets store at ``master`` through the real writer: ``num_shards`` shards appended ``batch`` rows at a
+    time, then the master file."""
+    from reducedmpl.targets import ShardWriter, plan_shards, shard_paths, write_master
+
+    paths = shard_paths(master, num_shards)
+    for index, ((start, stop), path) in enumerate(zip(plan_shards(len(ids), num_shards), paths)):
+        with ShardWriter(path, meta, stop - start, index, num_shards, start) as writer:
+            for a in range(start, stop, batch):
+                b = min(stop, a + batch)
+                writer.append(ids[a:b], labels[a:b], splits[a:b], logits[a:b])
+    write_master(master, paths, meta)
+    return master

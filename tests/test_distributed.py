@@ -179,6 +179,22 @@ def test_run_pipeline_two_processes(tmp_path):
     assert again.stdout.count("skipped, up to date") == 4
 
 
+def launch_running(args: list[str], metrics: Path, rows: int, **popen) -> subprocess.Popen:
+    """``torchrun`` with 2 processes on ``args``, returned once ``metrics`` holds ``rows`` rows (the loop runs)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "reducedmpl",
+           *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "REDUCEDMPL_DIST_TIMEOUT": "600"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    deadline = time.monotonic() + LAUNCH_TIMEOUT
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and len(read_jsonl(metrics)) >= rows:
+            return proc
+        time.sleep(0.1)
+    _, err = proc.communicate() if proc.poll() is not None else ("", "still starting")
+    proc.kill()
+    raise AssertionError(f"the run did not reach its loop: {err[-3000:]}")
+
+
 def _children(pid: int) -> list[int]:
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
@@ -190,19 +206,10 @@ def _children(pid: int) -> list[int]:
 def test_a_dying_rank_does_not_leave_the_others_waiting(teacher_1proc, tmp_path):
     targets = tmp_path / "targets.h5"
     single("precompute", "--teacher", teacher_1proc, "--out", targets, "--dtype", "float32")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "reducedmpl",
-           "distill", "--targets", str(targets), "--student", "test_resnet", "--steps", "100000", "--out",
-           str(tmp_path / "d"), "--quiet", "--set", "distill.log_every=1", "--set", "distill.eval_every=100000"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "REDUCEDMPL_DIST_TIMEOUT": "600"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    args = ["distill", "--targets", str(targets), "--student", "test_resnet", "--steps", "100000", "--out",
+            str(tmp_path / "d"), "--quiet", "--set", "distill.log_every=1", "--set", "distill.eval_every=100000"]
+    proc = launch_running(args, tmp_path / "d" / "metrics.jsonl", 3)
     try:
-        metrics = tmp_path / "d" / "metrics.jsonl"
-        deadline = time.monotonic() + LAUNCH_TIMEOUT
-        while time.monotonic() < deadline and proc.poll() is None:
-            if metrics.exists() and len(read_jsonl(metrics)) >= 3:
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
         workers = _children(proc.pid)
         assert len(workers) == 2, workers
         os.kill(workers[1], signal.SIGKILL)  # rank 1 dies mid-run, without a word
@@ -223,19 +230,9 @@ def test_ctrl_c_under_torchrun_stops_every_rank_after_a_checkpoint(teacher_1proc
     args = ["distill", "--targets", str(targets), "--student", "test_resnet", "--steps", "60", "--out",
             str(tmp_path / "d"), "--quiet", "--set", "distill.log_every=1", "--set", "distill.eval_every=1000",
             "--set", "distill.checkpoint_every=1000"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "reducedmpl",
-           *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "REDUCEDMPL_DIST_TIMEOUT": "120"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    metrics = tmp_path / "d" / "metrics.jsonl"
+    proc = launch_running(args, metrics, 4, start_new_session=True)  # its own process group, like a terminal's
     try:
-        metrics = tmp_path / "d" / "metrics.jsonl"
-        deadline = time.monotonic() + LAUNCH_TIMEOUT
-        while time.monotonic() < deadline and proc.poll() is None:
-            if metrics.exists() and len(read_jsonl(metrics)) >= 4:
-                break
-            time.sleep(0.1)
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
         _, err = proc.communicate(timeout=120)
     finally:

@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import h5py
 import numpy as np
+
+from conftest import write_store as write_real_store
 import pytest
 import yaml
 from hypothesis import HealthCheck, assume, given, settings
@@ -27,7 +29,7 @@ from hypothesis import strategies as st
 
 from reducedmpl.config import SECTIONS, DataConfig, from_dict, stage_config, to_dict
 from reducedmpl.errors import ConfigError, UserError
-from reducedmpl.targets import ShardWriter, StoreMeta, TargetStore, plan_shards, shard_paths, write_master
+from reducedmpl.targets import StoreMeta, TargetStore
 
 CONFIG_SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 STORE_SETTINGS = settings(max_examples=40, deadline=None,
@@ -347,14 +349,7 @@ def write_store(folder: Path, num_classes: int, num_rows: int, num_shards: int, 
                      class_names=[f"c{i}" for i in range(num_classes)], data_spec="digits", split_seed=0,
                      fingerprints={"labeled": "a", "unlabeled": "b"}, temperature=temperature, dtype=dtype,
                      topk=topk, tool_version="test", config={}, run_key=f"key-{seed}")
-    master = folder / "targets.h5"
-    paths = shard_paths(master, num_shards)
-    for index, ((start, stop), path) in enumerate(zip(plan_shards(num_rows, num_shards), paths)):
-        with ShardWriter(path, meta, stop - start, index, num_shards, start) as writer:
-            for a in range(start, stop, batch):
-                b = min(stop, a + batch)
-                writer.append(ids[a:b], labels[a:b], splits[a:b], logits[a:b])
-    write_master(master, paths, meta)
+    master = write_real_store(folder / "targets.h5", meta, ids, labels, splits, logits, num_shards, batch)
     return Generated(master, meta, logits, ids)
 
 

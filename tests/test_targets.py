@@ -10,6 +10,8 @@ from typing import Any
 
 import h5py
 import numpy as np
+
+from conftest import write_store
 import pytest
 
 from reducedmpl.errors import ArtifactError
@@ -63,14 +65,7 @@ def make_store(folder: Path, num_rows: int = 300, num_classes: int = 20, num_sha
     labels = np.where(splits == 1, -1, logits.argmax(1)).astype(np.int64)
     labels[::5] = (labels[::5] + 1) % num_classes  # make the teacher wrong on some rows
     labels[splits == 1] = -1
-    master = folder / "targets.h5"
-    paths = shard_paths(master, num_shards)
-    for index, ((start, stop), path) in enumerate(zip(plan_shards(num_rows, num_shards), paths)):
-        with ShardWriter(path, meta, stop - start, index, num_shards, start) as writer:
-            for a in range(start, stop, batch):
-                b = min(stop, a + batch)
-                writer.append(ids[a:b], labels[a:b], splits[a:b], logits[a:b])
-    write_master(master, paths, meta)
+    master = write_store(folder / "targets.h5", meta, ids, labels, splits, logits, num_shards, batch)
     return Written(master, meta, logits, ids, labels, splits)
 
 
