@@ -31,6 +31,8 @@ the best, hence the extra default variant. Control (seed 0): student on argmax(q
 (``reinforce:pseudo_label=argmax,mpl_weight=0,supervised_weight=0``): 91.7.
 
     python benchmarks/quality.py --out runs/quality                      # the default comparison
+    python benchmarks/quality.py --out runs/quality-strong --teacher-labels-per-class 100 --variants \
+        supervised kd exact:mpl_weight=0 exact:mpl_weight=10 exact:supervised_weight=0    # a strong teacher
     python benchmarks/quality.py --out runs/quality --seeds 0 --variants exact:mpl_weight=1 \\
         exact:mpl_weight=3 --tag sweep                                    # a tuning sweep (read val only)
 """
@@ -108,8 +110,9 @@ def teacher_and_targets(args) -> Path:
     out = Path(args.out)
     console = Console(stderr=True)
     tdir = out / "large"
+    teacher_data = {**data_dict(args), "labeled_per_class": args.teacher_labels_per_class or args.labels_per_class}
     if not (tdir / "teacher.pt").exists():
-        cfg = TrainLargeConfig(data=DataConfig(**data_dict(args)), model=args.teacher_model,
+        cfg = TrainLargeConfig(data=DataConfig(**teacher_data), model=args.teacher_model,
                                epochs=args.teacher_epochs, batch_size=args.teacher_batch,
                                optim=OptimConfig(opt="adamw", lr=args.teacher_lr, weight_decay=0.05),
                                select="best", device="cpu", seed=0)
@@ -122,7 +125,10 @@ def teacher_and_targets(args) -> Path:
     if not targets.exists():
         teacher = precompute.open_teacher(tdir / "teacher.pt")
         base = precompute.config_base(teacher)
-        cfg = PrecomputeConfig(data=DataConfig(**base["data"]), dtype="float32", device="cpu")
+        # the student's split (a teacher given more labels sees some of the student's unlabeled rows with their
+        # labels: the "large, accurate teacher" case; val and test stay out of both)
+        student_data = {**base["data"], "labeled_per_class": args.labels_per_class}
+        cfg = PrecomputeConfig(data=DataConfig(**student_data), dtype="float32", device="cpu")
         cfg.validate()
         r = precompute.run(cfg, teacher, targets, overwrite=True, console=console, quiet=True)
         console.print(precompute.summary_line(r))
@@ -182,7 +188,8 @@ def build_report(args, results: dict[str, dict[int, dict]], command: str, elapse
     kd = results.get("kd", {})
     lines = [f"# Quality benchmark: {args.data}, {args.labels_per_class} labels/class, "
              f"test {args.test_size} / val {args.val_size}, student test_resnet, {args.steps} steps", "",
-             f"Large teacher: {args.teacher_model}, {args.teacher_epochs} epochs on the labels "
+             f"Large teacher: {args.teacher_model}, {args.teacher_epochs} epochs on "
+             f"{args.teacher_labels_per_class or args.labels_per_class} labels per class "
              f"(val {100 * args._teacher['val_acc']:.2f} %"
              + ("" if args.hide_test else f", test {100 * args._teacher['test_acc']:.2f} %") + ").", "",
              "| variant | test acc % (mean ± std) | val acc % (mean ± std) | paired test diff to kd (pts) "
@@ -238,6 +245,8 @@ def main() -> None:
     p.add_argument("--val-size", type=int, default=1000)
     p.add_argument("--labels-per-class", type=int, default=10)
     p.add_argument("--teacher-model", default="resnet18")
+    p.add_argument("--teacher-labels-per-class", type=int, default=None,
+                   help="labels per class for the teacher (default: the student's); more makes a stronger teacher")
     p.add_argument("--teacher-epochs", type=int, default=40)
     p.add_argument("--teacher-batch", type=int, default=25)
     p.add_argument("--teacher-lr", type=float, default=1e-3)
