@@ -61,24 +61,21 @@ class Dist:
         if self.enabled:
             tdist.barrier()
 
-    def mean(self, values: Sequence[float], device: torch.device | str = "cpu") -> list[float]:
-        """The element-wise mean of ``values`` over the ranks (one all-reduce)."""
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """The element-wise sum of ``values`` over the ranks (one all-reduce)."""
         if not self.enabled:
             return [float(v) for v in values]
-        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_coll_device(device))
-        tdist.all_reduce(t)
-        return (t / self.world_size).tolist()
-
-    def sum(self, values: Sequence[float], device: torch.device | str = "cpu") -> list[float]:
-        if not self.enabled:
-            return [float(v) for v in values]
-        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_coll_device(device))
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_coll_device())
         tdist.all_reduce(t)
         return t.tolist()
 
-    def any(self, flag: bool, device: torch.device | str = "cpu") -> bool:
+    def mean(self, values: Sequence[float]) -> list[float]:
+        """The element-wise mean of ``values`` over the ranks (one all-reduce)."""
+        return [v / self.world_size for v in self.sum(values)]
+
+    def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on some rank."""
-        return self.sum([1.0 if flag else 0.0], device)[0] > 0 if self.enabled else bool(flag)
+        return self.sum([float(flag)])[0] > 0
 
     def average_(self, tensors: Iterable[torch.Tensor]) -> None:
         """Replace each tensor by its mean over the ranks, in place (flattened into one all-reduce)."""
@@ -142,7 +139,7 @@ class RankZeroError(UserError):
     """A :class:`UserError` that rank 0 found and reports; the other ranks exit with it silently."""
 
 
-def _coll_device(device: torch.device | str) -> torch.device:
+def _coll_device() -> torch.device:
     """Where collective buffers live: the rank's GPU with nccl, the CPU with gloo."""
     if tdist.is_initialized() and tdist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())

@@ -300,7 +300,7 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device, amp: boo
         n += len(y)
     model.train(was_training)
     if dist is not None:
-        loss_sum, correct, n = dist.sum([loss_sum, correct, n], device)
+        loss_sum, correct, n = dist.sum([loss_sum, correct, n])
     return {"loss": loss_sum / max(n, 1), "acc": correct / max(n, 1)}
 
 
@@ -343,6 +343,15 @@ def create_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_steps: in
 
 
 # ------------------------------------------------------------------------------------------------ progress
+def rank_output(dist: Any, console: Any, quiet: bool) -> tuple[Any, bool]:
+    """The console and ``quiet`` a stage uses: the given ones (stderr by default) on rank 0, silence elsewhere."""
+    from rich.console import Console
+
+    if not dist.is_main:
+        return Console(quiet=True), True
+    return console or Console(stderr=True), quiet
+
+
 class Throughput:
     def __init__(self):
         self.t0, self.n = time.perf_counter(), 0

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from .errors import ArtifactError, ConfigError, writing
-from .targets import file_sha256  # noqa: F401 - re-exported for the stages
 
 
 def check_model_name(name: str) -> None:

@@ -205,6 +205,12 @@ def _by_run(runs: list[RunData]) -> dict[str, list[RunData]]:
     return grouped
 
 
+def _mean_curves(grouped: dict[str, list[RunData]], key: str) -> dict:
+    """:func:`_mean_curve` of each run name that logged ``key``."""
+    curves = {name: _mean_curve(runs, key) for name, runs in grouped.items()}
+    return {name: c for name, c in curves.items() if c is not None}
+
+
 def _mean_curve(runs: list[RunData], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
     """Steps, mean, min and max of ``key`` over seeds, on the steps every seed logged."""
     curves = [r.curve(key) for r in runs]
@@ -281,8 +287,7 @@ def plot_accuracy(summaries: list[RunSummary], path: Path, teacher_test: float |
 
 
 def plot_learning_curves(grouped: dict[str, list[RunData]], path: Path) -> str | None:
-    curves = {name: _mean_curve(rs, "val_acc") for name, rs in grouped.items()}
-    curves = {n: c for n, c in curves.items() if c is not None}
+    curves = _mean_curves(grouped, "val_acc")
     if not curves:
         return "no validation accuracy logged: no learning curves"
     fig = _figure()
@@ -316,8 +321,7 @@ def smooth(y: np.ndarray, span: int) -> np.ndarray:
 
 def plot_mpl_signal(grouped: dict[str, list[RunData]], path: Path) -> str | None:
     mpl = {n: rs for n, rs in grouped.items() if rs[0].mode == "reducedmpl"}
-    curves = {n: _mean_curve(rs, "h") for n, rs in mpl.items()}
-    curves = {n: c for n, c in curves.items() if c is not None}
+    curves = _mean_curves(mpl, "h")
     if not curves:
         return "no reducedmpl run: no plot of the MPL signal h"
     fig = _figure()

@@ -91,14 +91,6 @@ def test_one_process_is_a_no_op(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- 2 processes
-@pytest.fixture(scope="module")
-def teacher_1proc(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ddp") / "t"
-    single("train-large", "--data", "digits", "--model", "test_resnet", "--epochs", "1", "--out", out,
-           "--set", "data.labeled_per_class=10", "--quiet")
-    return out / "teacher.pt"
-
-
 def test_train_large_two_processes(tmp_path):
     r = torchrun("train-large", "--data", "digits", "--model", "test_resnet", "--epochs", "2", "--batch-size", "16",
                  "--out", tmp_path / "t", "--set", "data.labeled_per_class=10", "--quiet", literal=True)
@@ -117,10 +109,10 @@ def test_train_large_two_processes(tmp_path):
             "the global batch, split across processes)"]
 
 
-def test_precompute_store_is_the_same_with_one_or_two_processes(teacher_1proc, tmp_path):
-    single("precompute", "--teacher", teacher_1proc, "--out", tmp_path / "one" / "targets.h5", "--shards", "3",
+def test_precompute_store_is_the_same_with_one_or_two_processes(tiny_teacher, tmp_path):
+    single("precompute", "--teacher", tiny_teacher, "--out", tmp_path / "one" / "targets.h5", "--shards", "3",
            "--dtype", "float32")
-    r = torchrun("precompute", "--teacher", teacher_1proc, "--out", tmp_path / "two" / "targets.h5", "--shards",
+    r = torchrun("precompute", "--teacher", tiny_teacher, "--out", tmp_path / "two" / "targets.h5", "--shards",
                  "3", "--dtype", "float32")
     assert r.stdout.count("3/3 shards computed") == 1
     with TargetStore.open(tmp_path / "one" / "targets.h5") as a, TargetStore.open(tmp_path / "two" /
@@ -130,15 +122,14 @@ def test_precompute_store_is_the_same_with_one_or_two_processes(teacher_1proc, t
         assert len(ids) == 1797
         np.testing.assert_array_equal(a.logits(ids), b.logits(ids))
     # rerunning under torchrun finds the store complete
-    again = torchrun("precompute", "--teacher", teacher_1proc, "--out", tmp_path / "two" / "targets.h5",
+    again = torchrun("precompute", "--teacher", tiny_teacher, "--out", tmp_path / "two" / "targets.h5",
                      "--shards", "3", "--dtype", "float32")
     assert again.stdout.count("is up to date") == 1
 
 
 @pytest.mark.parametrize("teacher_grad", ["exact", "reinforce"])
-def test_distill_reduced_teacher_stays_identical_on_every_rank(teacher_1proc, tmp_path, teacher_grad):
-    targets = tmp_path / "targets.h5"
-    single("precompute", "--teacher", teacher_1proc, "--out", targets, "--dtype", "float32")
+def test_distill_reduced_teacher_stays_identical_on_every_rank(tiny_targets, tmp_path, teacher_grad):
+    targets = tiny_targets
     torchrun(REPO / "tests" / "ddp_worker.py", "--targets", targets, "--out", tmp_path, "--steps", "4",
              "--teacher-grad", teacher_grad)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
@@ -203,9 +194,8 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in text.split()]
 
 
-def test_a_dying_rank_does_not_leave_the_others_waiting(teacher_1proc, tmp_path):
-    targets = tmp_path / "targets.h5"
-    single("precompute", "--teacher", teacher_1proc, "--out", targets, "--dtype", "float32")
+def test_a_dying_rank_does_not_leave_the_others_waiting(tiny_targets, tmp_path):
+    targets = tiny_targets
     args = ["distill", "--targets", str(targets), "--student", "test_resnet", "--steps", "100000", "--out",
             str(tmp_path / "d"), "--quiet", "--set", "distill.log_every=1", "--set", "distill.eval_every=100000"]
     proc = launch_running(args, tmp_path / "d" / "metrics.jsonl", 3)
@@ -222,11 +212,10 @@ def test_a_dying_rank_does_not_leave_the_others_waiting(teacher_1proc, tmp_path)
         proc.communicate()
 
 
-def test_ctrl_c_under_torchrun_stops_every_rank_after_a_checkpoint(teacher_1proc, tmp_path):
+def test_ctrl_c_under_torchrun_stops_every_rank_after_a_checkpoint(tiny_targets, tmp_path):
     """Ctrl-C in a terminal reaches torchrun and both workers (one process group); torchrun passes it on once
     more. Every rank stops at the same step, rank 0 writes last.pt there, and --resume finishes the run."""
-    targets = tmp_path / "targets.h5"
-    single("precompute", "--teacher", teacher_1proc, "--out", targets, "--dtype", "float32")
+    targets = tiny_targets
     args = ["distill", "--targets", str(targets), "--student", "test_resnet", "--steps", "60", "--out",
             str(tmp_path / "d"), "--quiet", "--set", "distill.log_every=1", "--set", "distill.eval_every=1000",
             "--set", "distill.checkpoint_every=1000"]

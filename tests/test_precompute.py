@@ -17,8 +17,8 @@ from reducedmpl.data.loading import Batcher, Preprocess
 from reducedmpl.data.sources import load_source
 from reducedmpl.data.splits import make_splits
 from reducedmpl.errors import ArtifactError
-from reducedmpl.models import file_sha256, model_from_artifact
-from reducedmpl.targets import SPLIT_NAMES, TargetStore
+from reducedmpl.models import model_from_artifact
+from reducedmpl.targets import SPLIT_NAMES, TargetStore, file_sha256
 
 
 @pytest.fixture(autouse=True)

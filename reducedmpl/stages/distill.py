@@ -33,8 +33,8 @@ from ..data.loading import Batcher, BatchStream, default_preprocess
 from ..data.sources import load_source
 from ..data.splits import make_splits
 from ..engine import (MetricsLog, autocast, create_optimizer, create_scheduler, evaluate, graceful_stop, grad_scaler,
-                      prepare_model, prepare_run, progress, rank_rng_states, resolve_device, restore_rank_rng,
-                      seed_everything, to_device, wrap_ddp, write_config, write_text_atomic)
+                      prepare_model, prepare_run, progress, rank_output, rank_rng_states, resolve_device,
+                      restore_rank_rng, seed_everything, to_device, wrap_ddp, write_config, write_text_atomic)
 from ..errors import ArtifactError, UserError
 from ..models import atomic_save, check_model_name, create_model, safe_load
 from ..targets import TargetStore
@@ -156,7 +156,7 @@ class Distiller:
             out = self._mpl_step(measure)
         if self.dist.enabled:  # every rank reports (and checks) the same numbers: the means over the ranks
             fields = dataclasses.fields(out)
-            means = self.dist.mean([getattr(out, f.name) for f in fields], self.device)
+            means = self.dist.mean([getattr(out, f.name) for f in fields])
             out = StepOutput(**{f.name: v for f, v in zip(fields, means)})
         self.step_count += 1
         if self.step_count <= cfg.steps:
@@ -252,7 +252,7 @@ class Distiller:
         else:
             loss_new, _ = self._labeled_loss(x_l, y_l)
         if need_h and self.dist.enabled:  # the losses of the global labeled batch
-            loss_old, loss_new = self.dist.mean([loss_old, loss_new], self.device)
+            loss_old, loss_new = self.dist.mean([loss_old, loss_new])
         h = mpl.mpl_signal(loss_old, loss_new) if need_h else math.nan
 
         # 6. the teacher's update
@@ -386,12 +386,10 @@ def check_store(store: TargetStore, data: DataSetup, needed: dict[str, np.ndarra
 def run(cfg: DistillConfig, targets: str | Path, out: str | Path, *, resume: bool = False, overwrite: bool = False,
         console: Console | None = None, quiet: bool = False) -> dict:
     """Run one distillation and write ``OUT/student.pt``, ``OUT/reduced_teacher.pt``; returns the result."""
-    console = console or Console(stderr=True)
     check_model_name(cfg.student)
     device = resolve_device(cfg.device)
     dist = distributed.setup(device)
-    if not dist.is_main:
-        console, quiet = Console(quiet=True), True
+    console, quiet = rank_output(dist, console, quiet)
     distributed.check_divisible("distill.batch_size", cfg.batch_size, dist)
     if cfg.mode != "supervised":
         distributed.check_divisible("distill.unlabeled_batch_size", cfg.unlabeled_batch_size, dist)

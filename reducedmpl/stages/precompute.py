@@ -30,12 +30,12 @@ from ..config import DataConfig, PrecomputeConfig, to_dict
 from ..data.loading import Batcher, Preprocess, default_preprocess
 from ..data.sources import Source, load_source
 from ..data.splits import Splits, make_splits
-from ..engine import predict_logits, prepare_model, progress, resolve_device
+from ..engine import predict_logits, prepare_model, progress, rank_output, resolve_device
 from ..errors import ArtifactError, ConfigError, DataError, UserError
-from ..models import (ARTIFACT_KEYS, check_model_name, create_model, file_sha256, load_artifact,
-                      load_state_dict_file, load_weights, model_from_artifact)
+from ..models import (ARTIFACT_KEYS, check_model_name, create_model, load_artifact, load_state_dict_file,
+                      load_weights, model_from_artifact)
 from ..targets import (MASTER_NAME, SPLIT_NAMES, ShardWriter, StoreMeta, TargetStore, derive_run_key,
-                       plan_shards, shard_is_complete, shard_paths, write_master)
+                       file_sha256, plan_shards, shard_is_complete, shard_paths, write_master)
 from .train_large import check_artifact_data
 
 # The data settings that decide which rows go into which split (the rest only change augmentation/loading).
@@ -424,9 +424,7 @@ def run(cfg: PrecomputeConfig, teacher: Teacher, out: str | Path | None = None, 
     out = resolve_out(out, teacher)
     device = resolve_device(cfg.device)
     dist = distributed.setup(device)
-    console = console or Console(stderr=True)
-    if not dist.is_main:
-        console, quiet = Console(quiet=True), True
+    console, quiet = rank_output(dist, console, quiet)
     with ThreadPoolExecutor(2) as pool:  # hashing the teacher and loading the data overlap building the model
         sha_future = pool.submit(file_sha256, teacher.path)
         data_future = pool.submit(setup_data, cfg, teacher, console)

@@ -21,7 +21,8 @@ from ..data.sources import Source, load_source
 from ..data.splits import Splits, make_splits
 from ..engine import (MetricsLog, StopRequest, Throughput, autocast, create_optimizer, create_scheduler, evaluate,
                       graceful_stop, grad_scaler, prepare_model, prepare_run, progress, rank_rng_states,
-                      resolve_device, restore_rank_rng, seed_everything, to_device, wrap_ddp, write_config)
+                      rank_output, resolve_device, restore_rank_rng, seed_everything, to_device, wrap_ddp,
+                      write_config)
 from ..errors import ArtifactError
 from ..models import atomic_save, check_model_name, create_model, load_weights, safe_load
 
@@ -91,7 +92,7 @@ def train_one_epoch(model, batcher: Batcher, epoch: int, optimizer, scheduler, s
     at.loss_sum, at.correct, at.seen = loss_sum, correct, seen
     ips = speed.add(0)
     if dist is not None and dist.enabled:  # the epoch's figures over all ranks
-        loss_sum, correct, seen, ips = dist.sum([loss_sum, correct, seen, ips], device)
+        loss_sum, correct, seen, ips = dist.sum([loss_sum, correct, seen, ips])
     return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
             "images_per_s": ips, "lr": optimizer.param_groups[0]["lr"]}, step
 
@@ -99,13 +100,11 @@ def train_one_epoch(model, batcher: Batcher, epoch: int, optimizer, scheduler, s
 def run(cfg: TrainLargeConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
         console: Console | None = None, quiet: bool = False) -> dict:
     """Train (or load) the large teacher and write ``OUT/teacher.pt``; returns its metrics."""
-    console = console or Console(stderr=True)
     check_model_name(cfg.model)
     device = resolve_device(cfg.device)
     dist = distributed.setup(device)
+    console, quiet = rank_output(dist, console, quiet)
     main = dist.is_main
-    if not main:
-        console, quiet = Console(quiet=True), True
     distributed.check_divisible("train_large.batch_size", cfg.batch_size, dist)
     data = setup_data(cfg)
     config_dict = to_dict(cfg)
