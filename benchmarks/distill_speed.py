@@ -42,7 +42,7 @@ def worker(args) -> dict:
     from reducedmpl.data.splits import make_splits
     from reducedmpl.models import create_model
     from reducedmpl.stages.distill import Distiller
-    from reducedmpl.stages.train_large import DataSetup
+    from reducedmpl.data.setup import DataSetup
 
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
@@ -53,7 +53,7 @@ def worker(args) -> dict:
                     in_chans=3, images=images, image_size=(args.size, args.size))
     data_cfg = DataConfig(source="synthetic", labeled_per_class=100, crop_padding=2, hflip=True)
     splits = make_splits(source, data_cfg)
-    data = DataSetup(source, splits, default_preprocess(source, splits.indices["labeled"], data_cfg))
+    data = DataSetup(data_cfg, source, splits, default_preprocess(source, splits.indices["labeled"], data_cfg))
     logits = rng.normal(size=(n, c)).astype(np.float32) * 3
 
     class MemoryStore:  # what TargetStore.log_probs returns, from memory
@@ -87,10 +87,10 @@ def worker(args) -> dict:
             t_all = large(torch.cat([x_u, x_l]))
             t_u, t_l = t_all[:len(x_u)], t_all[len(x_u):]
             y_hat = torch.multinomial(F.softmax(t_u.detach(), -1), 1).squeeze(1)
-            loss_old, _ = d._labeled_loss(x_l, y_l)
-            s_loss = F.cross_entropy(d.student(x_u), y_hat)
-            d._student_update(s_loss)
-            loss_new, _ = d._labeled_loss(x_l, y_l)
+            loss_old, _ = d.student.labeled_loss(x_l, y_l)
+            s_loss = F.cross_entropy(d.student.forward(x_u), y_hat)
+            d.student.update(s_loss)
+            loss_new, _ = d.student.labeled_loss(x_l, y_l)
             h = loss_old - loss_new
             loss_t = h * F.cross_entropy(t_u, y_hat) + F.cross_entropy(t_l, y_l)
             opt.zero_grad(set_to_none=True)

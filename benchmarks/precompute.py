@@ -37,9 +37,10 @@ from reducedmpl.config import DataConfig, PrecomputeConfig, to_dict
 from reducedmpl.data.loading import Batcher, Preprocess, default_preprocess
 from reducedmpl.data.sources import load_source
 from reducedmpl.data.splits import make_splits
-from reducedmpl.models import atomic_save, create_model
+from reducedmpl.files import save_torch
+from reducedmpl.models import build_artifact, create_model
 from reducedmpl.stages import precompute
-from reducedmpl.stages.train_large import DataSetup, build_artifact
+from reducedmpl.data.setup import DataSetup
 from reducedmpl.targets import TargetStore
 
 HERE = Path(__file__).resolve().parent
@@ -55,9 +56,9 @@ def make_teacher(folder: Path, spec: str, arch: str, seed: int) -> Path:
     prep = default_preprocess(source, splits.indices["labeled"], data)
     torch.manual_seed(seed)
     model = create_model(arch, source.num_classes, prep.in_chans, input_size=prep.input_size)
-    art = build_artifact("teacher", model, arch, DataSetup(source, splits, prep), {"data": to_dict(data)}, {})
+    art = build_artifact("teacher", model, arch, DataSetup(data, source, splits, prep), {"data": to_dict(data)}, {})
     path = folder / "teacher.pt"
-    atomic_save(art, path)
+    save_torch(art, path)
     return path
 
 

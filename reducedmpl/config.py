@@ -175,7 +175,9 @@ def _teacher_optim() -> OptimConfig:
 class DistillConfig:
     """``reducedmpl distill``: co-train the reduced teacher with the student (or a baseline mode)."""
 
-    data: dict[str, Any] | None = None  # data settings over those recorded in the targets store
+    # data settings over those recorded in the targets store (a partial DataConfig: names and types are checked
+    # here; the stage merges them over the store's with merge_data into one DataConfig, used from then on)
+    data: dict[str, Any] | None = None
     mode: Literal["reducedmpl", "kd", "supervised"] = "reducedmpl"
     student: str = "test_resnet"
     steps: int = 1000
@@ -202,7 +204,8 @@ class DistillConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     select: Literal["last", "best"] = "last"  # best: by validation accuracy, never test
-    clip_grad: float | None = 5.0
+    clip_grad: float | None = 5.0  # the student's gradient norm limit
+    teacher_clip_grad: float | None = 5.0  # the reduced teacher's: a step on a rare large h stays bounded
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -230,6 +233,7 @@ class DistillConfig:
         for name in ("eval_every", "log_every", "checkpoint_every"):
             _check(getattr(self, name) >= 1, f"distill.{name} must be >= 1")
         _check(self.clip_grad is None or self.clip_grad > 0, "distill.clip_grad must be > 0")
+        _check(self.teacher_clip_grad is None or self.teacher_clip_grad > 0, "distill.teacher_clip_grad must be > 0")
         _check(self.memory_budget_mb >= 1, "distill.memory_budget_mb must be >= 1")
         _check(self.probe_size >= 0, "distill.probe_size must be >= 0")
         _check_device(self.device)
@@ -260,7 +264,7 @@ class CompareConfig:
             overrides = {k: v for k, v in run.items() if k != "name"}
             from_dict(DistillConfig, overrides, f"{where}")  # unknown keys and wrong types
         _check(self.baseline is None or self.baseline in names,
-               f"compare.baseline {self.baseline!r} is not a run name ({_nearest(str(self.baseline), names)})")
+               f"compare.baseline {self.baseline!r} is not a run name ({nearest(str(self.baseline), names)})")
 
 
 SECTIONS: dict[str, type] = {"train_large": TrainLargeConfig, "precompute": PrecomputeConfig,
@@ -290,7 +294,7 @@ def parse_randaugment(spec: str) -> tuple[int, int]:
         raise ConfigError(f"data.randaugment {spec!r} is not understood", "write it like 'rand-m9-n2'") from None
 
 
-def _nearest(key: str, valid: typing.Iterable[str]) -> str:
+def nearest(key: str, valid: typing.Iterable[str]) -> str:
     close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
     return f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(sorted(valid))}"
 
@@ -351,7 +355,7 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in names:
-            raise ConfigError(f"unknown config key {path!r}", _nearest(str(key), names))
+            raise ConfigError(f"unknown config key {path!r}", nearest(str(key), names))
         kwargs[key] = _coerce(value, hints[key], path)
     return cls(**kwargs)
 
@@ -418,13 +422,27 @@ def read_yaml(path: str | Path) -> dict:
 PIPELINE_KEYS = {"name", "data", "compare"}
 
 
-def _merged(base: dict, top: dict) -> dict:
+def merged(base: dict, top: dict) -> dict:
     """``top`` over ``base``: nested mappings merged key by key, other values replaced."""
     out = dict(base)
     for key, value in top.items():
         both = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = _merged(out[key], value) if both else value
+        out[key] = merged(out[key], value) if both else value
     return out
+
+
+def data_over(base: dict | None, own: Any) -> Any:
+    """A stage's own data settings over the shared or recorded ones (the one place data settings are merged); a
+    non-mapping ``own`` is returned as it is, for :func:`from_dict` to name."""
+    own = own or {}
+    return {**(base or {}), **own} if isinstance(own, dict) else own
+
+
+def merge_data(base: dict | None, own: dict | None, where: str = "data") -> DataConfig:
+    """:func:`data_over` as a validated :class:`DataConfig`."""
+    cfg = from_dict(DataConfig, data_over(base, own), where)
+    cfg.validate()
+    return cfg
 
 
 def stage_config(section: str, file: str | Path | None = None, overrides: typing.Sequence[str] = (),
@@ -440,18 +458,18 @@ def stage_config(section: str, file: str | Path | None = None, overrides: typing
         valid = PIPELINE_KEYS | set(SECTIONS)
         for key in doc:
             if key not in valid:
-                raise ConfigError(f"unknown section {key!r} in {file}", _nearest(str(key), valid))
+                raise ConfigError(f"unknown section {key!r} in {file}", nearest(str(key), valid))
         raw = doc.get(section) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"section {section!r} in {file} must be a mapping", "write it as a YAML section")
         raw = dict(raw)
         if "data" in doc and "data" in {f.name for f in dataclasses.fields(cls)}:
-            shared, own = doc["data"] or {}, raw.get("data") or {}
+            shared = doc["data"] or {}
             if not isinstance(shared, dict):
                 raise ConfigError(f"section 'data' in {file} must be a mapping", "write it as a YAML section")
-            raw["data"] = {**shared, **own} if isinstance(own, dict) else own  # from_dict names a non-mapping
+            raw["data"] = data_over(shared, raw.get("data"))
     if base:
-        raw = _merged(base, raw)
+        raw = merged(base, raw)
     apply_overrides(raw, overrides, section)
     for key, value in (flags or {}).items():
         if value is None:

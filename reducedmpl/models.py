@@ -6,19 +6,18 @@ checkpoint_path=PATH)``: the weights sit under ``state_dict``, which timm finds 
 """
 from __future__ import annotations
 
-import contextlib
 import difflib
 import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import Any
 
 import timm
 import torch
 from torch import nn
 
-from .errors import ArtifactError, ConfigError, writing
+from .errors import ArtifactError, ConfigError
 
 
 def check_model_name(name: str) -> None:
@@ -128,32 +127,6 @@ def _looks_like_head(key: str) -> bool:
     return key.split(".")[0] in ("fc", "head", "classifier", "last_linear") or key.startswith("head.fc.")
 
 
-@contextlib.contextmanager
-def atomic_file(path: str | Path, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file beside ``path`` for writing; on a clean exit fsync it and ``os.replace`` it onto
-    ``path``. ``path`` is replaced only by a complete file: when writing fails (a full disk raises
-    :class:`DiskFullError` naming ``path``) the temporary file is removed and the file already at ``path``
-    (e.g. the previous checkpoint) is kept."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with writing(path):
-        try:
-            with open(tmp, mode) as f:
-                yield f
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` whole or not at all (:func:`atomic_file`)."""
-    with atomic_file(path) as f:
-        torch.save(obj, f)
-
-
 ARTIFACT_KEYS = ("kind", "state_dict", "arch", "num_classes", "in_chans", "preprocess", "class_names",
                  "data", "data_fingerprints", "config", "metrics", "tool_version")
 
@@ -178,3 +151,45 @@ def model_from_artifact(art: dict) -> nn.Module:
     model = create_model(art["arch"], art["num_classes"], art["in_chans"], input_size=prep.input_size)
     model.load_state_dict(art["state_dict"])
     return model
+
+
+def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A CPU copy of the state dict of ``model`` (of the module inside a ``torch.compile`` wrapper)."""
+    model = getattr(model, "_orig_mod", model)
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def build_artifact(kind: str, model: nn.Module, arch: str, data: Any, config: dict, metrics: dict,
+                   **extra: Any) -> dict:
+    """The plain-dict artifact of DESIGN §4 (``teacher.pt``, ``student.pt``): weights plus everything a later
+    stage checks. ``data`` is a :class:`~reducedmpl.data.setup.DataSetup`."""
+    from . import __version__
+
+    return {
+        "kind": kind,
+        "state_dict": weights_of(model),
+        "arch": arch,
+        "num_classes": data.source.num_classes,
+        "in_chans": data.prep.in_chans,
+        "input_size": [data.prep.in_chans, data.prep.input_size, data.prep.input_size],
+        "preprocess": data.prep.to_dict(),
+        "mean": list(data.prep.mean),
+        "std": list(data.prep.std),
+        "class_names": list(data.source.class_names),
+        "data": config["data"],
+        "data_fingerprints": dict(data.splits.fingerprints),
+        "split_sizes": data.splits.sizes(),
+        "config": config,
+        "metrics": {k: v for k, v in metrics.items() if v is not None},
+        "tool_version": __version__,
+        **extra,
+    }
+
+
+def check_artifact_data(art: dict, fingerprints: dict[str, str], path: Path) -> None:
+    """Refuse an artifact made for other data than the splits whose ``fingerprints`` are given."""
+    theirs = art.get("data_fingerprints", {})
+    for name, fp in fingerprints.items():
+        if name in theirs and theirs[name] != fp:
+            raise ArtifactError(f"{path} was made for other data (split {name!r} differs)",
+                                "use the same data settings, or rerun the earlier stage on this data")

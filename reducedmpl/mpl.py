@@ -14,8 +14,8 @@ One training step (the caller owns the models and optimizers; this module holds 
 6. Teacher loss, either
    * ``reinforce_teacher_loss(t_u, ŷ_u, advantage)`` (hard pseudo labels), or
    * ``exact_teacher_loss(softmax(t_u), J, step_scale)`` (soft pseudo labels), with
-     ``J = directional_loss_derivative(S, θ, buffers, x_u, v)`` and ``v = ∇θ' L_l(θ')``,
-   plus the caller's ``supervised_weight * CE(y_l, T(x_l))``.
+     ``J = directional_loss_derivative(S, θ, x_u, v)`` and ``v = ∇θ' L_l(θ')``,
+   combined with the supervised term ``CE(y_l, T(x_l))`` by ``reduced_teacher_loss``.
 
 Sign of the exact gradient. With plain SGD the student step on soft targets t_u(ψ) is
 ``θ' = θ - η g_u``, ``g_u = (1/B) Σ_{u,c} t_{u,c} ∇θ ℓ_{u,c}(θ)``, ``ℓ_{u,c} = -log S_c(x_u; θ)``.
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Literal
 
 import torch
@@ -151,23 +151,46 @@ def kd_loss(
 
 
 def kd_student_loss(
-    student_logits: Tensor,
-    teacher_log_probs: Tensor,
-    labels: Tensor | None = None,
+    logits_u: Tensor,
+    log_q_u: Tensor,
     temperature: float = 1.0,
-    ce_weight: float = 0.0,
+    logits_l: Tensor | None = None,
+    labels_l: Tensor | None = None,
+    label_weight: float = 0.0,
     label_smoothing: float = 0.0,
 ) -> Tensor:
-    """KD baseline loss: ``(1 - w) · kd_loss + w · CE_ls(labels)``; ``w = 0`` is pure KD."""
-    if not 0.0 <= ce_weight <= 1.0:
-        raise ValueError(f"ce_weight must be in [0, 1], got {ce_weight}")
-    loss = kd_loss(student_logits, teacher_log_probs, temperature)
-    if ce_weight == 0.0:
+    """The kd method's loss: ``(1 - w) · kd_loss(logits_u, log_q_u) + w · CE_ls(logits_l, labels_l)``.
+
+    KD is on the pseudo-label batch, the label term on the labeled batch; ``w = 0`` is pure KD.
+    """
+    if not 0.0 <= label_weight <= 1.0:
+        raise ValueError(f"label_weight must be in [0, 1], got {label_weight}")
+    loss = kd_loss(logits_u, log_q_u, temperature)
+    if label_weight == 0.0:
         return loss
-    if labels is None:
-        raise ValueError("labels are required when ce_weight > 0")
-    ce = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
-    return (1.0 - ce_weight) * loss + ce_weight * ce
+    if logits_l is None or labels_l is None:
+        raise ValueError("the labeled batch's logits and labels are required when label_weight > 0")
+    ce = F.cross_entropy(logits_l, labels_l, label_smoothing=label_smoothing)
+    return (1 - label_weight) * loss + label_weight * ce
+
+
+def reduced_teacher_loss(
+    loss_mpl: Tensor,
+    loss_sup: Tensor,
+    teacher_logits_u: Tensor,
+    log_q_u: Tensor,
+    mpl_weight: float,
+    supervised_weight: float,
+    kl_weight: float = 0.0,
+) -> Tensor:
+    """The reduced teacher's loss: ``mpl_weight · L_mpl + supervised_weight · L_sup + kl_weight · KL(q_L ‖ T)``.
+
+    The KL term keeps T near the large teacher's distribution (its dark knowledge) on the pseudo-label batch.
+    """
+    loss = mpl_weight * loss_mpl + supervised_weight * loss_sup
+    if kl_weight > 0:
+        loss = loss + kl_weight * kd_loss(teacher_logits_u, log_q_u)
+    return loss
 
 
 # --------------------------------------------------------------------------- pseudo labels
@@ -312,19 +335,14 @@ def snapshot_params(model: nn.Module) -> dict[str, Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def grad_dict(model: nn.Module) -> dict[str, Tensor]:
-    """Detached copies of the ``.grad`` of every parameter that has one (e.g. ``v = ∇θ' L_l``)."""
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _jvp_buffers(model: nn.Module, buffers: Mapping[str, Tensor]) -> dict[str, Tensor | None]:
-    """Copies of ``buffers`` for a forward-mode pass; running stats of train-mode norms → None.
+def _jvp_buffers(model: nn.Module) -> dict[str, Tensor | None]:
+    """The model's buffers for a forward-mode pass; running stats of train-mode norms → None.
 
     A BatchNorm in train mode normalises with batch statistics, so its running statistics do not
     affect the output; passing ``None`` makes it skip their in-place update, which torch.func
     cannot trace. Eval-mode norms read (copies of) their running statistics unchanged.
     """
-    out: dict[str, Tensor | None] = {k: b.detach().clone() for k, b in buffers.items()}
+    out: dict[str, Tensor | None] = {k: b.detach().clone() for k, b in model.named_buffers()}
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._NormBase) and module.training:
             if module.track_running_stats:
@@ -343,85 +361,91 @@ def _rng_devices(x: Tensor) -> list[int]:
 def directional_loss_derivative(
     model: nn.Module,
     params_theta: Mapping[str, Tensor],
-    buffers: Mapping[str, Tensor] | None,
     x_u: Tensor,
     v: Mapping[str, Tensor],
     method: DirectionalMethod = "jvp",
     eps: float = 1e-2,
+    *,
+    base_logits: Tensor | None = None,
+    rng_state: Tensor | None = None,
+    forward_context: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> Tensor:
     """``J_{u,c} = vᵀ ∇θ ℓ_{u,c}(θ)`` with ``ℓ_{u,c} = -log_softmax(model(x_u; θ))_c``, shape (B, C).
 
     ``params_theta`` holds θ (e.g. :func:`snapshot_params` taken before the student step), so the
-    live model may already hold θ'. ``v`` (e.g. :func:`grad_dict` of the labeled loss at θ') may
-    cover a subset of the parameters; the others are held fixed. ``buffers`` defaults to the
-    model's own. Pass the inputs the student actually stepped on (e.g. ``aug(x_u)``).
+    live model may already hold θ'. ``v`` (e.g. the labeled loss's gradient at θ') may cover a
+    subset of the parameters; the others are held fixed. Pass the inputs the student actually
+    stepped on (e.g. ``aug(x_u)``).
 
-    The model is evaluated in its current mode through ``functional_call`` on *copies* of the
-    buffers, so BatchNorm in train mode uses batch statistics (matching the student's step)
-    while the model's running statistics and batch counters are left untouched (for ``jvp``
-    the running statistics of train-mode norms are passed as ``None``, which gives the same
-    output). A module that mutates any other buffer in place is not supported by ``jvp``;
-    use ``fd`` for it.
+    The model runs in its current mode through ``functional_call``; BatchNorm in train mode uses
+    batch statistics (matching the student's step) and its running statistics are left untouched.
 
     ``method="jvp"``: one forward-mode pass (``torch.func.jvp``). ``method="fd"``: forward
     difference ``[ℓ(θ + s·v) - ℓ(θ)] / s`` with ``s = eps / ‖v‖`` (so ``eps`` is the norm of the
-    parameter perturbation); both forwards share the RNG state (same dropout masks).
+    parameter perturbation). For ``fd`` the caller may pass the training forward's output at θ as
+    ``base_logits`` (one forward saved) and the RNG state before it as ``rng_state`` (the same
+    dropout masks); ``forward_context`` (e.g. autocast) wraps the forwards.
     """
-    if buffers is None:
-        buffers = dict(model.named_buffers())
     theta = {k: t.detach() for k, t in params_theta.items()}
-    names = [k for k in v if k in theta]
     unknown = set(v) - set(theta)
     if unknown:
         raise KeyError(f"v has entries not in params_theta: {sorted(unknown)[:5]}")
-    fixed = {k: t for k, t in theta.items() if k not in v}
+    names = [k for k in v if k in theta]
     x_u = x_u.detach()
-
     if method == "jvp":
-        jvp_buffers = _jvp_buffers(model, buffers)
-
-        def per_class_loss(p: dict[str, Tensor]) -> Tensor:
-            return -F.log_softmax(functional_call(model, (p, fixed, jvp_buffers), (x_u,)), -1)
-
-        primals = {k: theta[k] for k in names}
-        tangents = {k: v[k].detach().to(theta[k].dtype) for k in names}
-        with torch.no_grad():
-            _, j = jvp(per_class_loss, (primals,), (tangents,))
-        return j.detach()
-
+        return _jvp_derivative(model, theta, x_u, v, names)
     if method == "fd":
-        norm = math.sqrt(sum(float(v[k].detach().double().pow(2).sum()) for k in names))
-        if norm == 0.0:
-            with torch.no_grad():
-                out = functional_call(model, (theta, _copy_buffers(buffers)), (x_u,))
-            return torch.zeros_like(out)
-        step = eps / norm
-        shifted = {k: theta[k] + step * v[k].detach().to(theta[k].dtype) for k in names}
-        devices = _rng_devices(x_u)
-        with torch.no_grad():
-            with torch.random.fork_rng(devices=devices):
-                base = -F.log_softmax(
-                    functional_call(model, (theta, _copy_buffers(buffers)), (x_u,)), -1
-                )
-            with torch.random.fork_rng(devices=devices):
-                moved = -F.log_softmax(
-                    functional_call(model, ({**theta, **shifted}, _copy_buffers(buffers)), (x_u,)),
-                    -1,
-                )
-        return (moved - base) / step
-
+        return _fd_derivative(model, theta, x_u, v, names, eps, base_logits, rng_state,
+                              forward_context or contextlib.nullcontext)
     raise ValueError(f"unknown method {method!r}; expected 'jvp' or 'fd'")
 
 
-def _copy_buffers(buffers: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {k: b.detach().clone() for k, b in buffers.items()}
+def _jvp_derivative(model: nn.Module, theta: dict[str, Tensor], x_u: Tensor, v: Mapping[str, Tensor],
+                    names: list[str]) -> Tensor:
+    buffers = _jvp_buffers(model)
+    fixed = {k: t for k, t in theta.items() if k not in v}
+
+    def per_class_loss(p: dict[str, Tensor]) -> Tensor:
+        return -F.log_softmax(functional_call(model, (p, fixed, buffers), (x_u,)), -1)
+
+    primals = {k: theta[k] for k in names}
+    tangents = {k: v[k].detach().to(theta[k].dtype) for k in names}
+    with torch.no_grad():
+        _, j = jvp(per_class_loss, (primals,), (tangents,))
+    return j.detach()
+
+
+@torch.no_grad()
+def _fd_derivative(model: nn.Module, theta: dict[str, Tensor], x_u: Tensor, v: Mapping[str, Tensor],
+                   names: list[str], eps: float, base_logits: Tensor | None, rng_state: Tensor | None,
+                   forward_context: Callable[[], contextlib.AbstractContextManager]) -> Tensor:
+    devices = _rng_devices(x_u)
+
+    def logits_at(params: dict[str, Tensor]) -> Tensor:
+        with torch.random.fork_rng(devices=devices), frozen_norm_stats(model), forward_context():
+            if rng_state is not None:
+                torch.set_rng_state(rng_state)
+            out = functional_call(model, params, (x_u,))
+            return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out  # autocast's half
+
+    if base_logits is None:
+        base_logits = logits_at(theta)
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v[k]) for k in names])).item() \
+        if names else 0.0
+    if norm == 0.0:
+        return torch.zeros_like(base_logits)
+    step = eps / norm
+    shifted = {k: theta[k] + step * v[k].detach().to(theta[k].dtype) for k in names}
+    moved = logits_at({**theta, **shifted})
+    return (F.log_softmax(base_logits, -1) - F.log_softmax(moved, -1)) / step
 
 
 @contextlib.contextmanager
 def frozen_norm_stats(model: nn.Module) -> Iterator[None]:
-    """Train-mode BatchNorm layers normalise with batch statistics but neither read nor update their
-    running statistics (nor batch counters) inside the block. Cheaper than :func:`preserved_buffers`
-    (nothing is copied) and safe under autograd (nothing is modified in place)."""
+    """Inside the block, train-mode BatchNorm layers normalise with batch statistics but neither read nor
+    update their running statistics (nor batch counters): an extra forward (L_old, L_new, the finite
+    difference) then leaves them as only the student's real training forward sets them. Nothing is copied,
+    and nothing is modified in place, so it is safe under autograd."""
     norms = [m for m in model.modules()
              if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats]
     for m in norms:
@@ -431,22 +455,6 @@ def frozen_norm_stats(model: nn.Module) -> Iterator[None]:
     finally:
         for m in norms:
             m.track_running_stats = True
-
-
-@contextlib.contextmanager
-def preserved_buffers(model: nn.Module) -> Iterator[None]:
-    """Restore every buffer (BatchNorm running stats, counters) on exit.
-
-    Use around an extra train-mode forward (e.g. computing L_old or L_new with batch statistics)
-    so that running statistics are updated only by the student's real training forward.
-    """
-    saved = {k: b.detach().clone() for k, b in model.named_buffers()}
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for k, b in model.named_buffers():
-                b.copy_(saved[k])
 
 
 # --------------------------------------------------------------------------- diagnostics

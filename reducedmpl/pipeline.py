@@ -40,13 +40,14 @@ from rich.table import Table
 
 from . import __version__
 from .config import (PIPELINE_KEYS, SECTIONS, CompareConfig, DataConfig, DistillConfig, PrecomputeConfig,
-                     TrainLargeConfig, _merged, _nearest, apply_overrides, from_dict, parse_override, read_yaml,
-                     stage_config, to_dict)
+                     TrainLargeConfig, apply_overrides, data_over, merge_data, merged, nearest, parse_override,
+                     read_yaml, stage_config, to_dict)
 from .errors import ConfigError, DataError, UserError
+from .files import write_json
+from .run_index import INDEX_FILE
 
 KINDS = ("train_large", "precompute", "distill")
 STAGE_FILE = "stage.json"
-INDEX_FILE = "index.json"
 NOT_IN_KEY = frozenset({"num_workers", "memory_budget_mb"})  # speed only: never change a result
 STATUS_STYLE = {"cached": "green", "resume": "yellow", "run": "bold"}
 
@@ -86,11 +87,11 @@ def load_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> Pipeline:
     valid = PIPELINE_KEYS | set(SECTIONS)
     for key in doc:
         if key not in valid:
-            raise ConfigError(f"unknown section {key!r} in {path}", _nearest(str(key), valid))
+            raise ConfigError(f"unknown section {key!r} in {path}", nearest(str(key), valid))
     for item in overrides:
         keys, _ = parse_override(item)
         if keys[0] not in valid:
-            raise ConfigError(f"--set {item!r}: unknown section {keys[0]!r}", _nearest(keys[0], valid))
+            raise ConfigError(f"--set {item!r}: unknown section {keys[0]!r}", nearest(keys[0], valid))
     doc = {k: ({} if v is None and k != "name" else v) for k, v in copy.deepcopy(doc).items()}
     apply_overrides(doc, overrides)
 
@@ -100,11 +101,11 @@ def load_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> Pipeline:
                           "use letters, digits, '-', '_' or '.', e.g. name: digits")
     data = _section(doc, "data", path)
     tl_raw = _section(doc, "train_large", path)
-    tl = stage_config("train_large", base={**tl_raw, "data": _over(data, tl_raw.get("data"))})
+    tl = stage_config("train_large", base={**tl_raw, "data": data_over(data, tl_raw.get("data"))})
 
     # precompute runs over the data the teacher records: train_large's resolved data, its own data over it
     pc_raw = _section(doc, "precompute", path)
-    pc = stage_config("precompute", base={**pc_raw, "data": _over(to_dict(tl.data), pc_raw.get("data"))})
+    pc = stage_config("precompute", base={**pc_raw, "data": data_over(to_dict(tl.data), pc_raw.get("data"))})
 
     # each compare run is a set of distill overrides over the distill section; without compare, one run
     distill_raw = _section(doc, "distill", path)
@@ -117,19 +118,13 @@ def load_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> Pipeline:
     for run_name, run_overrides in runs:
         for seed in seeds:
             try:
-                cfg = stage_config("distill", base=_merged(distill_raw, {**run_overrides, "seed": seed}))
+                cfg = stage_config("distill", base=merged(distill_raw, {**run_overrides, "seed": seed}))
                 # distill's data comes from the store (precompute's data); its own data settings go over it
-                from_dict(DataConfig, {**to_dict(pc.data), **(cfg.data or {})}, "distill.data").validate()
+                merge_data(to_dict(pc.data), cfg.data, "distill.data")
             except ConfigError as e:
                 raise ConfigError(f"compare run {run_name!r}: {e}" if compare else str(e)) from None
             distills.append(DistillRun(run_name, seed, cfg))
     return Pipeline(name, path, tl, pc, distills, _baseline(compare, distills))
-
-
-def _over(base: dict, own: Any) -> Any:
-    """A stage's own data settings over the shared ones; a non-mapping is kept, for from_dict to name it."""
-    own = own or {}
-    return {**base, **own} if isinstance(own, dict) else own
 
 
 def _section(doc: dict, key: str, path: Path) -> dict:
@@ -234,7 +229,7 @@ def _forced(stages: list[Stage], force: Sequence[str]) -> set[str]:
             forced.add(name)
         else:
             raise ConfigError(f"--force {name!r} names no stage of this pipeline",
-                              _nearest(name, [*aliases, *labels]))
+                              nearest(name, [*aliases, *labels]))
     return forced
 
 
@@ -339,9 +334,10 @@ def execute(pipe: Pipeline, stages: list[Stage], console: Console, stage_console
         if stage.status == "run" and stage.folder.exists():
             shutil.rmtree(stage.folder)
         stage.folder.mkdir(parents=True, exist_ok=True)
-        _atomic_json(stage.folder / STAGE_FILE, {"stage": stage.kind, "label": stage.label, "key": stage.key,
-                                                 "upstream": stage.upstream.key if stage.upstream else None,
-                                                 "tool_version": __version__, "config": to_dict(stage.config)})
+        record = {"stage": stage.kind, "label": stage.label, "key": stage.key,
+                  "upstream": stage.upstream.key if stage.upstream else None, "tool_version": __version__,
+                  "config": to_dict(stage.config)}
+        write_json(stage.folder / STAGE_FILE, record, indent=1)
         dist.barrier()  # the other ranks wait for the folder
         t0 = time.perf_counter()
         stage.result = RUNNERS[stage.kind](stage, stage_console, quiet)
@@ -378,7 +374,7 @@ RUNNERS: dict[str, Callable[[Stage, Console, bool], dict]] = {
 
 def _cached_result(stage: Stage) -> dict:
     """What a finished stage reported: result.json (distill), else the final row of metrics.jsonl."""
-    from .engine import read_jsonl
+    from .engine.runs import read_jsonl
 
     if stage.kind == "distill":
         return json.loads((stage.folder / "result.json").read_text())
@@ -415,31 +411,8 @@ def _write_index(pipe: Pipeline, stages: list[Stage], run_dir: Path) -> bool:
             return False
     except (OSError, ValueError):
         pass
-    _atomic_json(run_dir / INDEX_FILE, index)
+    write_json(run_dir / INDEX_FILE, index, indent=1)
     return True
-
-
-def read_index(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / INDEX_FILE
-    try:
-        index = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{run_dir} holds no {INDEX_FILE}",
-                        "pass a run folder written by `reducedmpl run` (runs/NAME)") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path} ({e.__class__.__name__})", "run the pipeline again") from None
-    stages = index.get("stages") if isinstance(index, dict) else None
-    if not isinstance(stages, list) or not all(
-            isinstance(e, dict) and {"label", "stage", "key", "folder"} <= set(e)
-            and (e["stage"] != "distill" or {"run", "mode", "seed"} <= set(e)) for e in stages):
-        raise UserError(f"{path} is not an index written by `reducedmpl run`", "run the pipeline again")
-    return index
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    from .engine import write_text_atomic
-
-    write_text_atomic(path, json.dumps(obj, indent=1, default=str))
 
 
 @contextlib.contextmanager
@@ -482,7 +455,7 @@ def run_pipeline(path: str | Path, overrides: Sequence[str] = (), *, force: Sequ
     Returns ``{"run_dir", "stages": [(label, status, folder)], "summaries"}``.
     """
     from . import distributed
-    from .engine import resolve_device
+    from .engine.device import resolve_device
 
     console = console or Console()
     stage_console = stage_console or Console(stderr=True)

@@ -18,9 +18,9 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from .engine import read_jsonl
+from .engine.runs import read_jsonl
 from .errors import UserError
-from .pipeline import read_index
+from .run_index import read_index
 
 PROBE_POINTS = ("0.0", "0.25", "0.5", "0.75", "1.0")
 N_PROBES_SHOWN = 4

@@ -13,9 +13,9 @@ from reducedmpl.config import DataConfig, DistillConfig, from_dict, to_dict
 from reducedmpl.data.loading import default_preprocess
 from reducedmpl.data.sources import load_source
 from reducedmpl.data.splits import make_splits
-from reducedmpl.engine import resolve_device
+from reducedmpl.engine.device import resolve_device
 from reducedmpl.stages.distill import Distiller, open_store, resolve_data
-from reducedmpl.stages.train_large import DataSetup
+from reducedmpl.data.setup import setup_data
 
 
 def main() -> None:
@@ -34,12 +34,10 @@ def main() -> None:
     store = open_store(args.targets, 64)
     data_cfg = resolve_data(cfg, store)
     cfg = dataclasses.replace(cfg, data=to_dict(data_cfg))
-    source = load_source(data_cfg.source)
-    splits = make_splits(source, from_dict(DataConfig, cfg.data, "data"))
-    data = DataSetup(source, splits, default_preprocess(source, splits.indices["labeled"], data_cfg))
+    data = setup_data(data_cfg)
     d = Distiller(cfg, data, store, device, dist)
     outs = [d.step(measure=True) for _ in range(args.steps)]
-    torch.save({"teacher": d.teacher.state_dict(), "student": d.student.state_dict(),
+    torch.save({"teacher": d.teacher.model.state_dict(), "student": d.student.model.state_dict(),
                 "h": [o.h for o in outs], "student_loss": [o.student_loss for o in outs]},
                Path(args.out) / f"rank{dist.rank}.pt")
     distributed.shutdown()

@@ -83,7 +83,7 @@ def test_missing_and_non_mapping_files(tmp_path):
 
 
 def test_resume_with_other_settings_names_the_keys_that_differ(tmp_path):
-    from reducedmpl.engine import _differing_keys
+    from reducedmpl.engine.runs import _differing_keys
 
     a = {"seed": 0, "optim": {"lr": 0.1, "opt": "sgd"}, "data": {"source": "digits"}, "targets": "/a"}
     b = {"seed": 1, "optim": {"lr": 0.2, "opt": "sgd"}, "data": {"source": "digits"}, "targets": "/b", "new": 1}

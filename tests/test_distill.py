@@ -16,7 +16,7 @@ from reducedmpl.data.loading import default_preprocess
 from reducedmpl.data.sources import load_source
 from reducedmpl.data.splits import make_splits
 from reducedmpl.stages.distill import Distiller, open_store
-from reducedmpl.stages.train_large import DataSetup
+from reducedmpl.data.setup import setup_data
 
 LOGGED = {"student_loss", "teacher_loss", "h", "baseline", "flip_rate", "entropy_teacher", "entropy_large",
           "train_acc_student", "train_acc_teacher"}
@@ -140,10 +140,7 @@ def distiller(tiny_targets):
         data_cfg = DataConfig(**store.meta.config["data"])
         import dataclasses
         cfg = dataclasses.replace(cfg, data=dataclasses.asdict(data_cfg))
-        src = load_source(data_cfg.source)
-        splits = make_splits(src, data_cfg)
-        data = DataSetup(src, splits, default_preprocess(src, splits.indices["labeled"], data_cfg))
-        return Distiller(cfg, data, store, torch.device("cpu"))
+        return Distiller(cfg, setup_data(data_cfg), store, torch.device("cpu"))
     return make
 
 
@@ -152,12 +149,13 @@ def test_in_loop_finite_difference_matches_jvp(distiller):
     for _ in range(3):
         d.step(False)
     x_u, _, _ = d.unlabeled.batcher.batch(0, 0)
-    theta = mpl.snapshot_params(d.student)
+    theta = mpl.snapshot_params(d.student.model)
     v = {k: torch.randn_like(p) * 1e-2 for k, p in theta.items()}
     rng = torch.get_rng_state()
-    logits = d._forward_keep_stats(x_u).detach()
-    J_fd = d._directional(theta, x_u, v, logits, rng)
-    J_jvp = mpl.directional_loss_derivative(d.student, theta, None, x_u, v, method="jvp")
+    logits = d.student.forward_keep_stats(x_u).detach()  # as the step passes its training forward's output
+    J_fd = mpl.directional_loss_derivative(d.student.model, theta, x_u, v, method="fd", base_logits=logits,
+                                           rng_state=rng)
+    J_jvp = mpl.directional_loss_derivative(d.student.model, theta, x_u, v, method="jvp")
     cos = torch.nn.functional.cosine_similarity(J_fd.flatten(), J_jvp.flatten(), dim=0)
     assert cos > 0.99 and math.isclose(J_fd.norm().item(), J_jvp.norm().item(), rel_tol=0.05)
 
@@ -165,10 +163,10 @@ def test_in_loop_finite_difference_matches_jvp(distiller):
 def test_mpl_step_updates_batchnorm_statistics_once(distiller):
     d = distiller(teacher_grad="exact")
     ref = distiller(mode="kd")  # kd: one plain training forward per step
-    d.student.load_state_dict(ref.student.state_dict())
+    d.student.model.load_state_dict(ref.student.model.state_dict())
     d.step(True)
     ref.step(False)
-    for (name, a), (_, b) in zip(d.student.named_buffers(), ref.student.named_buffers()):
+    for (name, a), (_, b) in zip(d.student.model.named_buffers(), ref.student.model.named_buffers()):
         if name.endswith("num_batches_tracked"):
             assert a.item() == b.item() == 1, name
 

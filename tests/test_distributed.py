@@ -24,7 +24,7 @@ from reducedmpl.config import DataConfig
 from reducedmpl.data.loading import Batcher, default_preprocess
 from reducedmpl.data.sources import load_source
 from reducedmpl.data.splits import make_splits
-from reducedmpl.engine import read_jsonl
+from reducedmpl.engine.runs import read_jsonl
 from reducedmpl.errors import ConfigError
 from reducedmpl.targets import TargetStore
 

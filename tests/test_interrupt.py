@@ -35,9 +35,11 @@ import yaml
 
 from conftest import assert_one_line_error, cli, cli_subprocess
 from reducedmpl.data.loading import Batcher
-from reducedmpl.engine import RUN_FILES, graceful_stop, read_jsonl
+from reducedmpl.engine.interrupt import graceful_stop
+from reducedmpl.engine.runs import RUN_FILES, read_jsonl
+from reducedmpl.files import save_torch as atomic_save
 from reducedmpl.errors import DiskFullError
-from reducedmpl.models import atomic_save, load_artifact, safe_load
+from reducedmpl.models import load_artifact, safe_load
 from reducedmpl.stages.distill import Distiller
 from reducedmpl.targets import TargetStore
 

@@ -16,13 +16,12 @@ from reducedmpl.mpl import (
     directional_loss_derivative,
     exact_teacher_loss,
     fitted_step_scale,
-    grad_dict,
+    frozen_norm_stats,
     kd_loss,
     kd_student_loss,
     label_flip_rate,
     mean_entropy,
     mpl_signal,
-    preserved_buffers,
     pseudo_labels,
     reinforce_teacher_loss,
     sgd_step_scale,
@@ -55,6 +54,10 @@ def cosine(a: Tensor, b: Tensor) -> float:
 
 def flat(grads: list[Tensor]) -> Tensor:
     return torch.cat([g.flatten() for g in grads])
+
+
+def grad_dict(model: nn.Module) -> dict[str, Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 # ------------------------------------------------------------------ 1. MPL signal vs Taylor
@@ -157,7 +160,7 @@ def surrogate_teacher_grad(
     loss_new = F.cross_entropy(student(x_l), y_l)
     loss_new.backward()
     v = grad_dict(student)
-    J = directional_loss_derivative(student, theta, {}, x_u, v, method=method, eps=1e-7)
+    J = directional_loss_derivative(student, theta, x_u, v, method=method, eps=1e-7)
     surrogate = exact_teacher_loss(F.softmax(teacher_logits, -1), J, lr)
     grad = flat(list(torch.autograd.grad(surrogate, list(teacher.parameters()))))
     return grad, float(surrogate.detach()), mpl_signal(loss_old, loss_new.detach())
@@ -199,8 +202,8 @@ def test_directional_derivative_jvp_fd_and_autograd_agree() -> None:
     theta = snapshot_params(student)
     g = torch.Generator().manual_seed(9)
     v = {k: torch.randn(p.shape, generator=g, dtype=p.dtype) for k, p in theta.items()}
-    j_jvp = directional_loss_derivative(student, theta, None, x_u, v, method="jvp")
-    j_fd = directional_loss_derivative(student, theta, None, x_u, v, method="fd", eps=1e-7)
+    j_jvp = directional_loss_derivative(student, theta, x_u, v, method="jvp")
+    j_fd = directional_loss_derivative(student, theta, x_u, v, method="fd", eps=1e-7)
     params = dict(student.named_parameters())
     losses = -F.log_softmax(functional_call(student, params, (x_u,)), -1)
     expected = torch.empty_like(losses)
@@ -218,18 +221,18 @@ def test_directional_derivative_uses_theta_not_live_params_and_subset_of_v() -> 
     x_u, _ = batch(22, n=3)
     theta = snapshot_params(student)
     v = {"2.weight": torch.ones_like(theta["2.weight"])}
-    before = directional_loss_derivative(student, theta, None, x_u, v)
+    before = directional_loss_derivative(student, theta, x_u, v)
     with torch.no_grad():
         for p in student.parameters():
             p.add_(1.0)  # the live model moves to θ'; J must still be taken at θ
-    after = directional_loss_derivative(student, theta, None, x_u, v)
+    after = directional_loss_derivative(student, theta, x_u, v)
     torch.testing.assert_close(before, after)
-    fd = directional_loss_derivative(student, theta, None, x_u, v, method="fd", eps=1e-7)
+    fd = directional_loss_derivative(student, theta, x_u, v, method="fd", eps=1e-7)
     torch.testing.assert_close(fd, before, rtol=1e-5, atol=1e-5)
     zero = {"2.weight": torch.zeros_like(theta["2.weight"])}
-    assert directional_loss_derivative(student, theta, None, x_u, zero, method="fd").abs().max() == 0
+    assert directional_loss_derivative(student, theta, x_u, zero, method="fd").abs().max() == 0
     with pytest.raises(ValueError):
-        directional_loss_derivative(student, theta, None, x_u, v, method="nope")  # type: ignore[arg-type]
+        directional_loss_derivative(student, theta, x_u, v, method="nope")  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
@@ -251,8 +254,8 @@ def test_jvp_on_timm_batchnorm_model_keeps_running_stats(timm_student: nn.Module
     v = {k: 1e-2 * torch.randn(p.shape, generator=g, dtype=p.dtype) for k, p in theta.items()}
     buffers_before = {k: b.clone() for k, b in model.named_buffers()}
     assert any(k.endswith("running_mean") for k in buffers_before)
-    J = directional_loss_derivative(model, theta, dict(model.named_buffers()), x, v, method="jvp")
-    J_fd = directional_loss_derivative(model, theta, None, x, v, method="fd", eps=1e-6)
+    J = directional_loss_derivative(model, theta, x, v, method="jvp")
+    J_fd = directional_loss_derivative(model, theta, x, v, method="fd", eps=1e-6)
     for k, b in model.named_buffers():
         assert torch.equal(b, buffers_before[k]), k
     assert model.training
@@ -274,20 +277,33 @@ def test_jvp_on_timm_float32_eval_mode(timm_student: nn.Module) -> None:
     x = torch.randn(2, 1, 16, 16)
     theta = snapshot_params(model)
     v = {k: torch.randn_like(p) for k, p in theta.items()}
-    J = directional_loss_derivative(model, theta, None, x, v)
-    J_fd = directional_loss_derivative(model, theta, None, x, v, method="fd")
+    J = directional_loss_derivative(model, theta, x, v)
+    J_fd = directional_loss_derivative(model, theta, x, v, method="fd")
     assert cosine(J, J_fd) > 0.99
     model.train()
 
 
-def test_preserved_buffers_restores_running_stats(timm_student: nn.Module) -> None:
+def test_frozen_norm_stats_uses_batch_statistics_and_keeps_running_ones(timm_student: nn.Module) -> None:
     model = timm_student.float().train()
+    x = torch.randn(4, 1, 16, 16)
     before = {k: b.clone() for k, b in model.named_buffers()}
-    with preserved_buffers(model):
-        model(torch.randn(4, 1, 16, 16))
-        assert any(not torch.equal(b, before[k]) for k, b in model.named_buffers())
+    with frozen_norm_stats(model):
+        inside = model(x)
+        assert all(not m.track_running_stats for m in model.modules() if isinstance(m, nn.BatchNorm2d))
     for k, b in model.named_buffers():
-        assert torch.equal(b, before[k])
+        assert torch.equal(b, before[k]), k  # running statistics and batch counters untouched
+    assert all(m.track_running_stats for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    plain = model(x)  # the same train-mode output (batch statistics), which now updates the running ones
+    torch.testing.assert_close(inside, plain, rtol=0, atol=0)
+    assert any(not torch.equal(b, before[k]) for k, b in model.named_buffers())
+    eval_before = model.eval()(x)
+    with frozen_norm_stats(model):  # eval mode: running statistics are read as usual
+        torch.testing.assert_close(model(x), eval_before, rtol=0, atol=0)
+    model.train()
+    loss = model(x).sum()
+    with frozen_norm_stats(model):  # safe under autograd: nothing modified in place
+        (loss + model(x).sum()).backward()
+    model.zero_grad(set_to_none=True)
 
 
 # ------------------------------------------------------------------ 4. untrained teacher = identity
@@ -400,14 +416,17 @@ def test_kd_loss_zero_iff_same_distribution() -> None:
     assert float(kd_loss(s, log_q, tau)) == pytest.approx(tau**2 * float(direct), rel=1e-5)
 
 
-def test_kd_student_loss_mixes_label_ce() -> None:
-    s, log_q, y = torch.randn(4, 3), F.log_softmax(torch.randn(4, 3), -1), torch.tensor([0, 1, 2, 0])
+def test_kd_student_loss_mixes_label_ce_on_the_labeled_batch() -> None:
+    s, log_q = torch.randn(4, 3), F.log_softmax(torch.randn(4, 3), -1)
+    s_l, y = torch.randn(2, 3), torch.tensor([0, 2])
     assert float(kd_student_loss(s, log_q)) == pytest.approx(float(kd_loss(s, log_q)))
-    mixed = kd_student_loss(s, log_q, y, temperature=2.0, ce_weight=0.25, label_smoothing=0.1)
-    expected = 0.75 * kd_loss(s, log_q, 2.0) + 0.25 * F.cross_entropy(s, y, label_smoothing=0.1)
+    mixed = kd_student_loss(s, log_q, 2.0, s_l, y, label_weight=0.25, label_smoothing=0.1)
+    expected = 0.75 * kd_loss(s, log_q, 2.0) + 0.25 * F.cross_entropy(s_l, y, label_smoothing=0.1)
     assert float(mixed) == pytest.approx(float(expected))
     with pytest.raises(ValueError):
-        kd_student_loss(s, log_q, None, ce_weight=0.5)
+        kd_student_loss(s, log_q, label_weight=0.5)
+    with pytest.raises(ValueError):
+        kd_student_loss(s, log_q, label_weight=1.5)
 
 
 def test_moving_baseline_updates_and_round_trips() -> None:

@@ -30,13 +30,14 @@ from ..config import DataConfig, PrecomputeConfig, to_dict
 from ..data.loading import Batcher, Preprocess, default_preprocess
 from ..data.sources import Source, load_source
 from ..data.splits import Splits, make_splits
-from ..engine import predict_logits, prepare_model, progress, rank_output, resolve_device
+from ..engine.device import prepare_model, resolve_device
+from ..engine.evaluation import predict_logits
+from ..engine.progress import progress, rank_output
 from ..errors import ArtifactError, ConfigError, DataError, UserError
 from ..models import (ARTIFACT_KEYS, check_model_name, create_model, load_artifact, load_state_dict_file,
-                      load_weights, model_from_artifact)
+                      check_artifact_data, load_weights, model_from_artifact)
 from ..targets import (MASTER_NAME, SPLIT_NAMES, ShardWriter, StoreMeta, TargetStore, derive_run_key,
                        file_sha256, plan_shards, shard_is_complete, shard_paths, write_master)
-from .train_large import check_artifact_data
 
 # The data settings that decide which rows go into which split (the rest only change augmentation/loading).
 SPLIT_KEYS = ("source", "split_seed", "val_size", "test_size", "use_official_test", "labeled_per_class",
@@ -363,13 +364,13 @@ def compute_shard(model: nn.Module, batcher: Batcher | None, rows: Rows, start: 
 
 # ---------------------------------------------------------------------------------------------- the stage
 @dataclass
-class DataSetup:
+class TeacherData:
     config: DataConfig
     source: Source
     splits: Splits
 
 
-def setup_data(cfg: PrecomputeConfig, teacher: Teacher, console: Console) -> DataSetup:
+def setup_data(cfg: PrecomputeConfig, teacher: Teacher, console: Console) -> TeacherData:
     """The data to run over; refuses a teacher whose own recorded data no longer matches what is on disk."""
     if cfg.data is None:
         raise ConfigError("--model/--checkpoint needs --data (plain weights do not record their data)",
@@ -378,28 +379,28 @@ def setup_data(cfg: PrecomputeConfig, teacher: Teacher, console: Console) -> Dat
     splits = make_splits(source, cfg.data)
     art = teacher.artifact
     if art is None:
-        return DataSetup(cfg.data, source, splits)
+        return TeacherData(cfg.data, source, splits)
     if source.num_classes != art["num_classes"] or list(source.class_names) != list(art["class_names"]):
         raise ArtifactError(f"teacher {teacher.path} predicts {art['num_classes']} classes "
                             f"({_short(art['class_names'])}), the data {source.spec!r} has {source.num_classes} "
                             f"({_short(source.class_names)})", "precompute with data of the teacher's classes")
     recorded = teacher.recorded_data or {}
     if all(to_dict(cfg.data).get(k) == recorded.get(k) for k in SPLIT_KEYS):
-        check_artifact_data(art, splits, teacher.path)  # the teacher's own data: it must still be the same
+        check_artifact_data(art, splits.fingerprints, teacher.path)  # the teacher's own data: it must still be the same
     else:
         differs = [k for k, fp in splits.fingerprints.items() if art["data_fingerprints"].get(k) != fp]
         if differs:
             leak = " (the teacher may have seen some val/test rows)" if {"val", "test"} & set(differs) else ""
             console.print(f"note: splits {', '.join(differs)} differ from the data the teacher was trained on; "
                           f"the store records the new fingerprints{leak}")
-    return DataSetup(cfg.data, source, splits)
+    return TeacherData(cfg.data, source, splits)
 
 
 def _short(names: list[str], n: int = 4) -> str:
     return ", ".join(map(str, names[:n])) + (", ..." if len(names) > n else "")
 
 
-def build_meta(cfg: PrecomputeConfig, teacher: Teacher, data: DataSetup, prep: Preprocess, class_names: list[str],
+def build_meta(cfg: PrecomputeConfig, teacher: Teacher, data: TeacherData, prep: Preprocess, class_names: list[str],
                sha256: str, num_rows: int) -> StoreMeta:
     kept = [s for s in SPLIT_NAMES if s in cfg.splits]
     meta = StoreMeta(
