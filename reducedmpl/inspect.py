@@ -57,7 +57,7 @@ def inspect_store(path: str | Path) -> dict[str, Any]:
     """:func:`verify_store` plus the parsed provenance; a missing master with shards beside it is reported."""
     path = Path(path)
     if not path.exists():
-        from .stages.precompute import store_files
+        from .targets import store_files
 
         leftovers = store_files(path) if path.parent.is_dir() else []
         if not leftovers:

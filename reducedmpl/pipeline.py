@@ -255,7 +255,7 @@ def _is_resumable(stage: Stage) -> bool:
     if record is None or record.get("key") != stage.key:
         return False
     if stage.kind == "precompute":
-        from .stages.precompute import store_files
+        from .targets import store_files
 
         return any(not p.name.startswith(".") for p in store_files(stage.artifact))
     return (stage.folder / "last.pt").exists()

@@ -338,14 +338,16 @@ def train(cfg: DistillConfig, data: DataSetup, store: TargetStore, device: torch
               "val_acc": val.get("acc"), "test_acc": test.get("acc"), "test_loss": test.get("loss"),
               "best_step": job.best["step"], "train_seconds": time.perf_counter() - t0,
               **{f"final_{k}": v for k, v in ev.teachers().items()}}
-    extra = {}
-    if d.teacher is not None:
-        extra["reduced_teacher.pt"] = {"kind": "reduced_teacher", "state_dict": weights_of(d.teacher.model),
-                                       "num_classes": data.source.num_classes, "config": to_dict(cfg.reduced_teacher),
-                                       "targets_run_key": store.meta.run_key, "tool_version": __version__}
+    extra = {"reduced_teacher.pt": _reduced_teacher_artifact(d, store)} if d.teacher is not None else {}
     extra.update({"probes.json": probes.data, "result.json": result})
     job.finish(build_artifact("student", final, cfg.student, data, config_dict, result, step=total), result, extra)
     return result
+
+
+def _reduced_teacher_artifact(d: Distiller, store: TargetStore) -> dict:
+    return {"kind": "reduced_teacher", "state_dict": weights_of(d.teacher.model),
+            "num_classes": d.data.source.num_classes, "config": to_dict(d.cfg.reduced_teacher),
+            "targets_run_key": store.meta.run_key, "tool_version": __version__}
 
 
 def _finite(row: dict) -> dict:

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-import h5py
 import numpy as np
 import torch
 from rich.console import Console
@@ -36,8 +35,8 @@ from ..engine.progress import progress, rank_output
 from ..errors import ArtifactError, ConfigError, DataError, UserError
 from ..models import (ARTIFACT_KEYS, check_model_name, create_model, load_artifact, load_state_dict_file,
                       check_artifact_data, load_weights, model_from_artifact)
-from ..targets import (MASTER_NAME, SPLIT_NAMES, ShardWriter, StoreMeta, TargetStore, derive_run_key,
-                       file_sha256, plan_shards, shard_is_complete, shard_paths, write_master)
+from ..targets import (MASTER_NAME, SPLIT_NAMES, ShardWriter, StoreMeta, derive_run_key, file_sha256, plan_shards,
+                       prepare_store, shard_is_complete, shard_paths, stored_predictions, write_master)
 
 # The data settings that decide which rows go into which split (the rest only change augmentation/loading).
 SPLIT_KEYS = ("source", "split_seed", "val_size", "test_size", "use_official_test", "labeled_per_class",
@@ -183,74 +182,6 @@ def resolve_out(out: str | Path | None, teacher: Teacher) -> Path:
     return out
 
 
-def store_files(out: Path) -> list[Path]:
-    """The master, every shard named after it (whatever the shard count) and their temporary files."""
-    pattern = f"{out.stem}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]{out.suffix}"
-    files = [out, *sorted(out.parent.glob(pattern))]
-    temps = [out.with_name(f".{out.name}.tmp"), *sorted(out.parent.glob(f".{pattern}.tmp"))]
-    return [p for p in files + temps if p.exists()]
-
-
-def _read_run_key(path: Path) -> str | None:
-    try:
-        with h5py.File(path, "r") as f:
-            key = f.attrs["run_key"]
-            return key.decode() if isinstance(key, bytes) else str(key)
-    except Exception:  # noqa: BLE001 - unreadable means "not ours"
-        return None
-
-
-def _differences(path: Path, meta: StoreMeta) -> str:
-    """What differs between the store at ``path`` and this job, for the error message."""
-    try:
-        with h5py.File(path, "r") as f:
-            old = StoreMeta.from_attrs(f.attrs)
-    except Exception:  # noqa: BLE001
-        return "it cannot be read"
-    diff = [k for k, v in meta.to_attrs().items() if k not in ("run_key", "tool_version", "config")
-            and old.to_attrs().get(k) != v]
-    for section, now in meta.config.items():
-        before = old.config.get(section)
-        if isinstance(now, dict) and isinstance(before, dict):
-            diff += [f"{section}.{k}" for k in sorted(set(now) | set(before)) if now.get(k) != before.get(k)]
-        elif now != before:
-            diff.append(section)
-    return "it differs in " + ", ".join(diff[:6]) if diff else "its row count or shard count differs"
-
-
-def prepare_out(out: Path, meta: StoreMeta, shards: list[Path], overwrite: bool, console: Console) -> bool:
-    """Make ``out`` ready; True when it already holds this exact store (nothing to do)."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create the folder of {out} ({e.strerror or e})", "choose a writable --out") from None
-    if out.exists() and out.is_dir():
-        raise UserError(f"{out} is a folder", "choose another --out")
-    if overwrite:
-        for path in store_files(out):  # the master first: a half-removed store is never taken for complete
-            path.unlink(missing_ok=True)
-        return False
-    if out.exists():
-        if _read_run_key(out) != meta.run_key:
-            raise ArtifactError(f"{out} already holds a targets store from another precompute run "
-                                f"({_differences(out, meta)})",
-                                "pass --overwrite to replace it, or choose another --out")
-        try:
-            TargetStore.open(out, memory_budget_bytes=0).close()
-            return True
-        except ArtifactError as e:  # this job's master, but a shard is gone or broken: redo what is missing
-            console.print(f"{out} is this job's store but is not sound ({e}); recomputing what is missing")
-            out.unlink()
-    stale = [p for p in store_files(out) if p.name.endswith(".tmp")]
-    stale += [p for p in store_files(out) if p.suffix == out.suffix and p not in shards and p != out]
-    stale += [p for p in shards if p.exists() and not shard_is_complete(p, meta)]
-    if stale:
-        console.print(f"removing {len(stale)} leftover file(s) of an interrupted or other precompute run")
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return False
-
-
 # ---------------------------------------------------------------------------------------------- writing
 WRITE_BLOCK_BYTES = 1 << 20  # rows are written in blocks of about this much float32 logits (at least a batch)
 
@@ -315,14 +246,6 @@ def split_accuracy(pred: np.ndarray, rows: Rows) -> dict[str, float]:
         if mask.any():
             out[name] = float((pred[mask] == rows.labels[mask]).mean())
     return out
-
-
-def _stored_predictions(path: Path, meta: StoreMeta) -> np.ndarray:
-    """The top-1 class of every row of a finished shard (for the summary of the shards a resumed run skips)."""
-    with h5py.File(path, "r") as f:
-        if not f["id"].shape[0]:
-            return np.zeros(0, np.int64)
-        return f["topk_index"][:, 0].astype(np.int64) if meta.topk else f["logits"][...].argmax(axis=1)
 
 
 def _prefetched(batcher: Batcher, pool: ThreadPoolExecutor) -> Iterator[tuple[torch.Tensor, ...]]:
@@ -418,14 +341,9 @@ def build_meta(cfg: PrecomputeConfig, teacher: Teacher, data: TeacherData, prep:
     return meta
 
 
-def run(cfg: PrecomputeConfig, teacher: Teacher, out: str | Path | None = None, *, overwrite: bool = False,
-        console: Console | None = None, quiet: bool = False) -> dict:
-    """Write the targets store for ``teacher`` at ``out``; returns a summary (see :func:`summary_line`)."""
-    t0 = time.perf_counter()
-    out = resolve_out(out, teacher)
-    device = resolve_device(cfg.device)
-    dist = distributed.setup(device)
-    console, quiet = rank_output(dist, console, quiet)
+def _prepare(cfg: PrecomputeConfig, teacher: Teacher,
+             console: Console) -> tuple[nn.Module, TeacherData, Preprocess, Rows, StoreMeta]:
+    """The teacher network, the data, its preprocessing, the rows to compute and the store's metadata."""
     with ThreadPoolExecutor(2) as pool:  # hashing the teacher and loading the data overlap building the model
         sha_future = pool.submit(file_sha256, teacher.path)
         data_future = pool.submit(setup_data, cfg, teacher, console)
@@ -442,13 +360,25 @@ def run(cfg: PrecomputeConfig, teacher: Teacher, out: str | Path | None = None, 
         if len(rows) == 0:
             raise DataError(f"the splits {', '.join(cfg.splits)} of {data.source.spec!r} hold no rows",
                             "choose other --splits or data settings")
-        meta = build_meta(cfg, teacher, data, prep, class_names, sha_future.result(), len(rows))
+        return model, data, prep, rows, build_meta(cfg, teacher, data, prep, class_names, sha_future.result(),
+                                                   len(rows))
+
+
+def run(cfg: PrecomputeConfig, teacher: Teacher, out: str | Path | None = None, *, overwrite: bool = False,
+        console: Console | None = None, quiet: bool = False) -> dict:
+    """Write the targets store for ``teacher`` at ``out``; returns a summary (see :func:`summary_line`)."""
+    t0 = time.perf_counter()
+    out = resolve_out(out, teacher)
+    device = resolve_device(cfg.device)
+    dist = distributed.setup(device)
+    console, quiet = rank_output(dist, console, quiet)
+    model, data, prep, rows, meta = _prepare(cfg, teacher, console)
 
     paths = shard_paths(out, cfg.shards)
     ranges = plan_shards(len(rows), cfg.shards)
     result = {"path": str(out), "rows": len(rows), "rows_per_split": rows.sizes, "run_key": meta.run_key,
               "shards": cfg.shards}
-    if dist.on_main(lambda: prepare_out(out, meta, paths, overwrite, console)):
+    if dist.on_main(lambda: prepare_store(out, meta, paths, overwrite, console.print)):
         return {**result, "up_to_date": True, "seconds": time.perf_counter() - t0, "bytes": _bytes(out, paths)}
 
     todo = [i for i, p in enumerate(paths) if not shard_is_complete(p, meta)]
@@ -474,7 +404,7 @@ def run(cfg: PrecomputeConfig, teacher: Teacher, out: str | Path | None = None, 
     if dist.is_main:
         for i, path in enumerate(paths):
             if i not in mine:
-                pred[slice(*ranges[i])] = _stored_predictions(path, meta)
+                pred[slice(*ranges[i])] = stored_predictions(path, meta)
         write_master(out, paths, meta)
     dist.barrier()  # the master is written before any rank goes on to use it
     return {**result, "up_to_date": False, "computed_shards": len(todo), "accuracy": split_accuracy(pred, rows),
