@@ -43,8 +43,9 @@ from reducedmpl.stages import precompute
 from reducedmpl.data.setup import DataSetup
 from reducedmpl.targets import TargetStore
 
+from _data import default_data  # noqa: E402 - benchmarks/ is on sys.path when a script runs
+
 HERE = Path(__file__).resolve().parent
-MNIST = HERE.parent.parent / "shared" / "data" / "mnist-t10k"
 TARGET_OVERHEAD = 1.05
 
 
@@ -236,7 +237,7 @@ def _load() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=f"mnist:{MNIST}" if MNIST.is_dir() else "digits")
+    parser.add_argument("--data", default=default_data())
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)

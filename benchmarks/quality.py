@@ -49,7 +49,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
-DEFAULT_DATA = "mnist:/work/shared/data/mnist-t10k"
+from _data import default_data  # noqa: E402 - benchmarks/ is on sys.path when a script runs
+
+DEFAULT_DATA = default_data(fallback=None)  # the MNIST folder beside the repository
 BASES = {
     "supervised": {"mode": "supervised"},
     "kd": {"mode": "kd"},
@@ -239,7 +241,8 @@ def build_report(args, results: dict[str, dict[int, dict]], command: str, elapse
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/quality")
-    p.add_argument("--data", default=DEFAULT_DATA)
+    p.add_argument("--data", default=DEFAULT_DATA, required=DEFAULT_DATA is None,
+                   help="mnist:DIR (default: ../shared/data/mnist-t10k beside the repository)")
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--test-size", type=int, default=4000)
     p.add_argument("--val-size", type=int, default=1000)

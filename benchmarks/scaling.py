@@ -32,8 +32,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from _data import default_data  # noqa: E402 - benchmarks/ is on sys.path when a script runs
+
 HERE = Path(__file__).resolve().parent
-MNIST = HERE.parent.parent / "shared" / "data" / "mnist-t10k"
 
 
 def command(nproc: int, args: list[str]) -> list[str]:
@@ -86,7 +87,7 @@ def main() -> None:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--data", default=f"mnist:{MNIST}" if MNIST.is_dir() else "digits")
+    p.add_argument("--data", default=default_data())
     p.add_argument("--teacher", default="resnet18")
     p.add_argument("--student", default="resnet10t")
     p.add_argument("--steps", type=int, default=40)

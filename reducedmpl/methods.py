@@ -339,6 +339,7 @@ class ExactStep(_Stateless):
 
     def __init__(self, cfg: DistillConfig, student: Student, teacher: Teacher):
         self.student, self.teacher, self.method = student, teacher, cfg.exact_method
+        self.theta: dict[str, torch.Tensor] | None = None  # θ before the step, in tensors reused every step
 
     def __call__(self, b: Batch, measure: bool) -> StepOutput:
         student, dist = self.student, self.student.dist
@@ -346,7 +347,7 @@ class ExactStep(_Stateless):
         targets = mpl.pseudo_labels(t_logits_u, "soft")
         loss_old, acc_old = student.labeled_loss(b.x_l, b.y_l) if measure else (math.nan, math.nan)
 
-        theta = mpl.snapshot_params(student.model)
+        theta = self.theta = mpl.snapshot_params(student.model, into=self.theta)
         rng = torch.get_rng_state() if self.method == "fd" else None  # the training forward's dropout masks
         logits_u = student.forward(b.x_u)
         student_loss = mpl.soft_cross_entropy(logits_u, targets)

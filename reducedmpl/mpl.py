@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from typing import Literal
 
@@ -330,9 +331,14 @@ def fitted_step_scale(
 # --------------------------------------------------------------------------- directional derivative
 
 
-def snapshot_params(model: nn.Module) -> dict[str, Tensor]:
-    """Detached copies of the trainable parameters (θ before the student step)."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+def snapshot_params(model: nn.Module, into: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Detached copies of the trainable parameters (θ before the student step); with ``into`` (an earlier
+    snapshot of the same model) they are copied into its tensors, which saves allocating them every step."""
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    if into is None or into.keys() != params.keys():
+        return {n: p.clone() for n, p in params.items()}
+    torch._foreach_copy_(list(into.values()), list(params.values()))
+    return into
 
 
 def _jvp_buffers(model: nn.Module) -> dict[str, Tensor | None]:
@@ -440,14 +446,25 @@ def _fd_derivative(model: nn.Module, theta: dict[str, Tensor], x_u: Tensor, v: M
     return (F.log_softmax(base_logits, -1) - F.log_softmax(moved, -1)) / step
 
 
+_NORM_LAYERS: weakref.WeakKeyDictionary[nn.Module, list[nn.Module]] = weakref.WeakKeyDictionary()
+
+
+def _norm_layers(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorm-like layers of ``model``, found once per model (a walk of the module tree each step costs
+    about as much as a small layer's forward)."""
+    norms = _NORM_LAYERS.get(model)
+    if norms is None:
+        norms = _NORM_LAYERS[model] = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    return norms
+
+
 @contextlib.contextmanager
 def frozen_norm_stats(model: nn.Module) -> Iterator[None]:
     """Inside the block, train-mode BatchNorm layers normalise with batch statistics but neither read nor
     update their running statistics (nor batch counters): an extra forward (L_old, L_new, the finite
     difference) then leaves them as only the student's real training forward sets them. Nothing is copied,
     and nothing is modified in place, so it is safe under autograd."""
-    norms = [m for m in model.modules()
-             if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats]
+    norms = [m for m in _norm_layers(model) if m.training and m.track_running_stats]
     for m in norms:
         m.track_running_stats = False
     try:
