@@ -145,7 +145,9 @@ def distill(
     set_: SetOpt = None,
     data: DataOpt = None,
     student: Annotated[Optional[str], typer.Option("--student", help="timm model name of the student.")] = None,
-    mode: Annotated[Optional[str], typer.Option("--mode", help="reducedmpl, kd or supervised.")] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="reducedmpl, kd, online-kd or supervised.")] = None,
+    teacher: Annotated[Optional[Path], typer.Option(
+        "--teacher", help="online-kd: the large teacher.pt, run on the student's own view each step.")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Training steps (before the finetune).")] = None,
     teacher_grad: Annotated[Optional[str], typer.Option(
         "--teacher-grad", help="exact (soft pseudo labels) or reinforce (hard, the paper's).")] = None,
@@ -162,7 +164,8 @@ def distill(
     from .stages import distill as stage
 
     flags = {"data.source": data, "student": student, "mode": mode, "steps": steps, "teacher_grad": teacher_grad,
-             "mpl_weight": mpl_weight, "seed": seed, "device": device}
+             "mpl_weight": mpl_weight, "seed": seed, "device": device,
+             "large_teacher": str(teacher) if teacher is not None else None}
     cfg = stage_config("distill", config, set_ or (), flags)
     result = stage.run(cfg, targets, out, resume=resume, overwrite=overwrite, console=err_console, quiet=quiet)
     say(f"student {cfg.student} ({cfg.mode}): val acc {_pct(result.get('val_acc'))}, "

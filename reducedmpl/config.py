@@ -178,7 +178,9 @@ class DistillConfig:
     # data settings over those recorded in the targets store (a partial DataConfig: names and types are checked
     # here; the stage merges them over the store's with merge_data into one DataConfig, used from then on)
     data: dict[str, Any] | None = None
-    mode: Literal["reducedmpl", "kd", "supervised"] = "reducedmpl"
+    mode: Literal["reducedmpl", "kd", "online-kd", "supervised"] = "reducedmpl"
+    # online-kd: the teacher.pt that runs on the student's own view each step (in `run`: the pipeline's teacher)
+    large_teacher: str | None = None
     student: str = "test_resnet"
     steps: int = 1000
     batch_size: int = 32  # labeled batch
@@ -226,6 +228,8 @@ class DistillConfig:
             _check(getattr(self, name) >= 0, f"distill.{name} must be >= 0")
         _check(self.kd_label_weight <= 1, "distill.kd_label_weight must be in [0, 1]")
         _check(self.kd_temperature > 0, "distill.kd_temperature must be > 0")
+        _check(self.large_teacher is None or self.mode == "online-kd",
+               "distill.large_teacher (--teacher) is used only by --mode online-kd")
         _check(0 <= self.label_smoothing < 1, "distill.label_smoothing must be in [0, 1)")
         _check(self.baseline_decay is None or 0 <= self.baseline_decay < 1, "distill.baseline_decay must be in [0, 1)")
         _check(0 < self.ema_decay < 1, "distill.ema_decay must be in (0, 1)")

@@ -23,9 +23,9 @@ from . import distributed, mpl
 from .config import DistillConfig
 from .engine.device import autocast, to_device
 
-# A batch's parts: the labeled images and labels, the pseudo-label batch with its stored q_L, and q_L of
-# the labeled batch (which only the reduced teacher's supervised loss reads).
-LABELED, UNLABELED, LABELED_TARGETS = "labeled", "unlabeled", "labeled_targets"
+# A batch's parts: the labeled images and labels, the pseudo-label batch, the stored q_L of the pseudo-label
+# batch, and q_L of the labeled batch (which only the reduced teacher's supervised loss reads).
+LABELED, UNLABELED, UNLABELED_TARGETS, LABELED_TARGETS = "labeled", "unlabeled", "unlabeled_targets", "labeled_targets"
 
 # The finite difference of the exact gradient moves θ by this norm along v (relative to ‖θ‖ of a small
 # network ~10-100, small enough that the loss is locally linear, large enough to stay above float32 noise).
@@ -188,9 +188,10 @@ def teacher_gradient(name: str):
     return register
 
 
-def build_step(cfg: DistillConfig, student: Student, teacher: Teacher | None) -> Step:
-    """The step of ``cfg.mode`` (for ``reducedmpl``: of ``cfg.teacher_grad``)."""
-    return METHODS[cfg.mode](cfg, student, teacher)
+def build_step(cfg: DistillConfig, student: Student, teacher: Teacher | None, **parts) -> Step:
+    """The step of ``cfg.mode`` (for ``reducedmpl``: of ``cfg.teacher_grad``); ``parts`` are what a method needs
+    beyond the student and the reduced teacher (``large`` for online-kd)."""
+    return METHODS[cfg.mode](cfg, student, teacher, **parts)
 
 
 class _Stateless:
@@ -254,7 +255,7 @@ class KDStep(_Stateless):
 
     def __init__(self, cfg: DistillConfig, student: Student, teacher: Teacher | None = None):
         self.student, self.cfg = student, cfg
-        self.needs = frozenset({UNLABELED, LABELED} if cfg.kd_label_weight > 0 else {UNLABELED})
+        self.needs = frozenset({UNLABELED, UNLABELED_TARGETS} | ({LABELED} if cfg.kd_label_weight > 0 else set()))
 
     def __call__(self, b: Batch, measure: bool) -> StepOutput:
         cfg = self.cfg
@@ -271,6 +272,56 @@ class KDStep(_Stateless):
         if measure:
             out.entropy_large = mpl.mean_entropy(b.log_q_u)
         return out
+
+
+@method("online-kd")
+class OnlineKDStep(KDStep):
+    """KD with the large teacher in memory, run each step on the student's own augmented view: the consistent
+    teacher (Beyer et al., CVPR 2022), the anchor that stored targets are measured against."""
+
+    def __init__(self, cfg: DistillConfig, student: Student, teacher: Teacher | None = None, *,
+                 large: LargeTeacher):
+        super().__init__(cfg, student)
+        self.large = large
+        self.needs = self.needs - {UNLABELED_TARGETS}
+
+    def __call__(self, b: Batch, measure: bool) -> StepOutput:
+        b.log_q_u = self.large.log_probs(b.x_u)
+        return super().__call__(b, measure)
+
+
+class LargeTeacher:
+    """The large teacher, frozen in eval mode, on the student's inputs: they are brought from the student's
+    preprocessing (normalisation, size, channels) to the teacher's before its forward."""
+
+    def __init__(self, model: nn.Module, student_prep, teacher_prep, device: torch.device, use_amp: bool):
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.device, self.use_amp = device, use_amp
+        self.size, self.in_chans = teacher_prep.input_size, teacher_prep.in_chans
+        self.s_mean, self.s_std = _norm_stats(student_prep, device)
+        self.t_mean, self.t_std = _norm_stats(teacher_prep, device)
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * self.s_std + self.s_mean  # the student's view, back in [0, 1] pixels
+        if x.shape[1] != self.in_chans:  # as the batches match channels: grey is repeated, colour averaged
+            x = (x if x.shape[1] == 1 else x.mean(1, keepdim=True)).expand(-1, self.in_chans, -1, -1)
+        if x.shape[-2:] != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        return (x - self.t_mean) / self.t_std
+
+    @torch.no_grad()
+    def log_probs(self, x: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.use_amp):
+            return F.log_softmax(self.model(self.inputs(x)).float(), -1)
+
+
+def _norm_stats(prep, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of a preprocessing as (1, C, 1, 1); a count other than the channels' is averaged, as the
+    batches do."""
+    mean, std = torch.tensor(prep.mean, device=device), torch.tensor(prep.std, device=device)
+    if len(mean) != prep.in_chans:
+        mean, std = mean.mean().view(1), std.mean().view(1)
+    return mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
 
 
 @method("reducedmpl")
@@ -294,7 +345,7 @@ def _diagnostics(out: StepOutput, b: Batch, pseudo: torch.Tensor, t_logits_u: to
 class ReinforceStep:
     """ReducedMPL as in the paper: hard pseudo labels, and the teacher follows h = L_old - L_new (REINFORCE)."""
 
-    needs = frozenset({LABELED, UNLABELED, LABELED_TARGETS})
+    needs = frozenset({LABELED, UNLABELED, UNLABELED_TARGETS, LABELED_TARGETS})
 
     def __init__(self, cfg: DistillConfig, student: Student, teacher: Teacher):
         self.student, self.teacher, self.kind = student, teacher, cfg.pseudo_label
@@ -335,7 +386,7 @@ class ExactStep(_Stateless):
     """ReducedMPL with soft pseudo labels and the exact first-order teacher gradient (DESIGN §2):
     the teacher minimises -(s/B) Σ stopgrad(J) · t(ψ), J = vᵀ∇θ ℓ(x_u; θ), v = ∇θ' L_l(θ')."""
 
-    needs = frozenset({LABELED, UNLABELED, LABELED_TARGETS})
+    needs = frozenset({LABELED, UNLABELED, UNLABELED_TARGETS, LABELED_TARGETS})
 
     def __init__(self, cfg: DistillConfig, student: Student, teacher: Teacher):
         self.student, self.teacher, self.method = student, teacher, cfg.exact_method

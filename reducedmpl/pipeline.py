@@ -362,9 +362,14 @@ def _run_precompute(stage: Stage, console: Console, quiet: bool) -> dict:
 
 
 def _run_distill(stage: Stage, console: Console, quiet: bool) -> dict:
+    import dataclasses
+
     from .stages import distill
 
-    return distill.run(stage.config, stage.upstream.artifact, stage.folder, resume=stage.status == "resume",
+    cfg = stage.config
+    if cfg.mode == "online-kd" and cfg.large_teacher is None:  # the pipeline's own teacher
+        cfg = dataclasses.replace(cfg, large_teacher=str(stage.upstream.upstream.artifact))
+    return distill.run(cfg, stage.upstream.artifact, stage.folder, resume=stage.status == "resume",
                        console=console, quiet=quiet)
 
 

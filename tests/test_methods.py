@@ -163,9 +163,9 @@ def test_steps_read_only_what_they_need_and_registry_covers_the_modes() -> None:
     out = step(methods.Batch(x_l=make_batch(0).x_l, y_l=make_batch(0).y_l), measure=True)
     assert math.isfinite(out.student_loss) and math.isnan(out.h)
     kd, _, _ = build(DistillConfig(mode="kd"), "sgd", 0.1)
-    assert kd.needs == {methods.UNLABELED}
+    assert kd.needs == {methods.UNLABELED, methods.UNLABELED_TARGETS}
     kd_mixed, _, _ = build(DistillConfig(mode="kd", kd_label_weight=0.5), "sgd", 0.1)
-    assert kd_mixed.needs == {methods.UNLABELED, methods.LABELED}
+    assert kd_mixed.needs == {methods.UNLABELED, methods.UNLABELED_TARGETS, methods.LABELED}
     b = make_batch(1)
     assert math.isfinite(kd_mixed(b, measure=True).entropy_large)
 
@@ -189,3 +189,38 @@ def test_optim_config_names_reach_the_step_scale() -> None:
         student = methods.Student(model, model, opt, grad_scaler(CPU, False), None, CPU, False, False,
                                   distributed.Dist())
         assert student.step_scale({}, 0.1) == pytest.approx(0.1 * factor), name
+
+
+def test_online_kd_teacher_sees_the_students_view_and_matches_the_store(tiny_teacher, tiny_targets):
+    """Without augmentation the student's view is the clean input, so the teacher run on it reproduces the
+    logits precompute stored (from the same teacher on the same images, through the teacher's own
+    normalisation)."""
+    from reducedmpl.config import stage_config
+    from reducedmpl.data.setup import setup_data
+    from reducedmpl.stages.distill import Distiller, open_store, resolve_data
+
+    cfg = stage_config("distill", flags={"mode": "online-kd", "large_teacher": str(tiny_teacher), "steps": 3,
+                                         "data": {"crop_padding": 0}, "device": "cpu"})
+    store = open_store(tiny_targets, 64)
+    data_cfg = resolve_data(cfg, store)
+    d = Distiller(cfg, setup_data(data_cfg), store, CPU)
+    assert isinstance(d.method, methods.OnlineKDStep) and d.teacher is None
+    assert methods.UNLABELED_TARGETS not in d.method.needs  # no stored targets are read
+    x_u, _, ids = d.unlabeled.batcher.batch(0, 0)
+    online = d.method.large.log_probs(x_u)
+    torch.testing.assert_close(online, torch.from_numpy(store.log_probs(ids.numpy())), rtol=1e-4, atol=1e-4)
+    assert math.isfinite(d.step(measure=True).student_loss)
+    store.close()
+
+
+def test_online_kd_needs_a_teacher_of_the_datas_classes(tiny_targets, tmp_path):
+    from conftest import assert_one_line_error, cli
+
+    r = cli("distill", "--targets", tiny_targets, "--mode", "online-kd", "--out", tmp_path / "a", check=False)
+    assert_one_line_error(r, "online-kd needs the large teacher", "--teacher")
+    r = cli("distill", "--targets", tiny_targets, "--mode", "kd", "--teacher", tiny_targets, "--out", tmp_path / "b",
+            check=False)
+    assert_one_line_error(r, "only by --mode online-kd")
+    r = cli("distill", "--targets", tiny_targets, "--mode", "online-kd", "--teacher", tiny_targets,
+            "--out", tmp_path / "c", check=False)
+    assert r.exit_code == 2 and not (tmp_path / "c" / "student.pt").exists()

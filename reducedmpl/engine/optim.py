@@ -7,6 +7,8 @@ import torch
 
 from ..errors import ConfigError
 
+STEP_DECAYS = 3  # sched: step decays the learning rate (by timm's 0.1) at each third of training
+WARMUP_START = 0.01  # warm-up starts at this fraction of the learning rate
 
 def create_optimizer(model_or_params: Any, cfg: Any) -> torch.optim.Optimizer:
     from timm.optim import create_optimizer_v2
@@ -24,7 +26,7 @@ def create_scheduler(optimizer: torch.optim.Optimizer, cfg: Any, total_steps: in
     from timm.scheduler import create_scheduler_v2
 
     scheduler, _ = create_scheduler_v2(
-        optimizer, sched=cfg.sched, num_epochs=max(total_steps, 1), decay_epochs=max(total_steps // 3, 1),
-        warmup_epochs=warmup_steps, warmup_lr=cfg.lr * 0.01 if warmup_steps else 0.0, min_lr=cfg.min_lr,
+        optimizer, sched=cfg.sched, num_epochs=max(total_steps, 1), decay_epochs=max(total_steps // STEP_DECAYS, 1),
+        warmup_epochs=warmup_steps, warmup_lr=cfg.lr * WARMUP_START if warmup_steps else 0.0, min_lr=cfg.min_lr,
         cooldown_epochs=0, step_on_epochs=False, updates_per_epoch=1)
     return scheduler

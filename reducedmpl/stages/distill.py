@@ -31,10 +31,10 @@ from ..engine.device import grad_scaler, prepare_model, wrap_ddp
 from ..engine.evaluation import EVAL_BATCH_SIZE, evaluate
 from ..engine.optim import create_optimizer, create_scheduler
 from ..engine.rng import rank_rng_states, restore_rank_rng, seed_everything
-from ..errors import ArtifactError, UserError
-from ..methods import (LABELED, LABELED_TARGETS, UNLABELED, Batch, FinetuneStep, Step, StepOutput, Student, Teacher,
-                       build_step)
-from ..models import build_artifact, check_model_name, create_model, weights_of
+from ..errors import ArtifactError, ConfigError, UserError
+from ..methods import (LABELED, LABELED_TARGETS, UNLABELED, UNLABELED_TARGETS, Batch, FinetuneStep, LargeTeacher, Step,
+                       StepOutput, Student, Teacher, build_step)
+from ..models import build_artifact, check_model_name, create_model, load_artifact, model_from_artifact, weights_of
 from ..targets import TargetStore
 
 ARTIFACT = "student.pt"
@@ -57,6 +57,7 @@ class Distiller:
         self.cfg, self.data, self.store, self.device = cfg, data, store, device
         self.dist = dist = dist or distributed.Dist()
         src, rows, prep = data.source, data.splits.indices, data.prep
+        large = load_large_teacher(cfg, data, device) if cfg.large_teacher is not None else None
         seed_everything(cfg.seed)
         model = prepare_model(create_model(cfg.student, src.num_classes, prep.in_chans, input_size=prep.input_size),
                               device, cfg.channels_last)
@@ -87,7 +88,7 @@ class Distiller:
             from timm.utils import ModelEmaV3
 
             self.ema = ModelEmaV3(model, decay=cfg.ema_decay)
-        self.method: Step = build_step(cfg, self.student, self.teacher)
+        self.method: Step = build_step(cfg, self.student, self.teacher, **({"large": large} if large else {}))
         self.finetune = FinetuneStep(cfg, self.student)
         pool = np.union1d(rows["labeled"], rows["unlabeled"])
         self.labeled = BatchStream(Batcher(src, rows["labeled"], prep, data.config, batch_size=cfg.batch_size,
@@ -110,7 +111,9 @@ class Distiller:
                 b.log_q_l = self.log_q(ids_l)
         if UNLABELED in needs:
             x_u, _, ids_u = self.unlabeled.next()
-            b.x_u, b.log_q_u = self.student.to_input(x_u), self.log_q(ids_u)
+            b.x_u = self.student.to_input(x_u)
+            if UNLABELED_TARGETS in needs:
+                b.log_q_u = self.log_q(ids_u)
         return b
 
     def step(self, measure: bool) -> StepOutput:
@@ -165,6 +168,19 @@ class Distiller:
         self.unlabeled.load_state_dict(state["unlabeled"])
         self.step_count = state["step"]
         restore_rank_rng(state["rng"], self.dist)
+
+
+def load_large_teacher(cfg: DistillConfig, data: DataSetup, device: torch.device) -> LargeTeacher:
+    """The large teacher of online-kd (``teacher.pt``), checked against the data's classes."""
+    from ..data.loading import Preprocess
+
+    art = load_artifact(cfg.large_teacher, "teacher")
+    if art["num_classes"] != data.source.num_classes or list(art["class_names"]) != list(data.source.class_names):
+        raise ArtifactError(f"teacher {cfg.large_teacher} predicts other classes than the data "
+                            f"({art['num_classes']} vs {data.source.num_classes})",
+                            "pass the teacher.pt trained on this data")
+    return LargeTeacher(model_from_artifact(art), data.prep, Preprocess.from_dict(art["preprocess"]), device,
+                        cfg.amp and device.type == "cuda")
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -266,6 +282,8 @@ def run(cfg: DistillConfig, targets: str | Path, out: str | Path, *, resume: boo
         console: Console | None = None, quiet: bool = False) -> dict:
     """Run one distillation and write ``OUT/student.pt`` (and ``OUT/reduced_teacher.pt``); returns the result."""
     check_model_name(cfg.student)
+    if cfg.mode == "online-kd" and cfg.large_teacher is None:
+        raise ConfigError("distill mode online-kd needs the large teacher", "pass --teacher PATH/teacher.pt")
     sizes = {"distill.batch_size": cfg.batch_size}
     if cfg.mode != "supervised":
         sizes["distill.unlabeled_batch_size"] = cfg.unlabeled_batch_size
