@@ -5,6 +5,8 @@ synthetic batches and the same settings; the script prints ratios to the ``kd`` 
 
 * ``supervised``, ``kd``, ``reducedmpl`` with ``reinforce`` and with ``exact`` (jvp and fd) — the real
   ``Distiller`` code path of ``reducedmpl distill``, targets served from memory as the store does;
+* ``online-kd``: kd with the large teacher (``--large``) in memory, run on the student's own augmented view
+  every step — the consistent teacher that stored targets stand in for;
 * ``full-mpl``: the same student step plus a resnet18-class large teacher that runs forward and backward on
   the labeled and unlabeled batches every step, as full Meta Pseudo Labels does.
 
@@ -33,7 +35,7 @@ import subprocess
 import sys
 import time
 
-MODES = ["supervised", "kd", "reinforce", "exact-jvp", "exact-fd", "full-mpl", "passes"]
+MODES = ["supervised", "kd", "online-kd", "reinforce", "exact-jvp", "exact-fd", "full-mpl", "passes"]
 STEPS = MODES[:-1]
 
 
@@ -76,8 +78,8 @@ def worker(args) -> dict:
         mode = "kd"
     kw = dict(mode="reducedmpl", student=args.student, steps=10_000, batch_size=args.labeled_batch,
               unlabeled_batch_size=args.unlabeled_batch, data=dataclasses.asdict(data_cfg), device="cpu")
-    if mode in ("supervised", "kd"):
-        kw["mode"] = mode
+    if mode in ("supervised", "kd", "online-kd"):
+        kw["mode"] = "kd" if mode == "online-kd" else mode  # online-kd: kd's loop with the teacher below
     elif mode == "reinforce":
         kw["teacher_grad"] = "reinforce"
     elif mode.startswith("exact"):
@@ -89,6 +91,11 @@ def worker(args) -> dict:
     d = Distiller(cfg, data, MemoryStore(), torch.device("cpu"))
 
     step = d.step
+    if mode == "online-kd":  # the large teacher in memory, run on the student's view every step
+        from reducedmpl.methods import LargeTeacher, OnlineKDStep
+
+        large = LargeTeacher(create_model(args.large, c, 3), data.prep, data.prep, torch.device("cpu"), False)
+        d.method = OnlineKDStep(cfg, d.student, large=large)
     if mode == "full-mpl":
         large = create_model(args.large, c, 3)
         opt = torch.optim.SGD(large.parameters(), lr=0.01, momentum=0.9)

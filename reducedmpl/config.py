@@ -354,12 +354,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 def from_dict(cls: type, data: dict, where: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
-        if key not in names:
-            raise ConfigError(f"unknown config key {path!r}", nearest(str(key), names))
+        if key not in fields:
+            raise ConfigError(f"unknown config key {path!r}", nearest(str(key), fields))
+        factory = fields[key].default_factory
+        if isinstance(value, dict) and factory is not dataclasses.MISSING and dataclasses.is_dataclass(hints[key]):
+            value = merged(to_dict(factory()), value)  # a partial section keeps this field's own defaults
         kwargs[key] = _coerce(value, hints[key], path)
     return cls(**kwargs)
 

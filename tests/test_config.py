@@ -89,3 +89,13 @@ def test_resume_with_other_settings_names_the_keys_that_differ(tmp_path):
     b = {"seed": 1, "optim": {"lr": 0.2, "opt": "sgd"}, "data": {"source": "digits"}, "targets": "/b", "new": 1}
     assert _differing_keys(a, b) == ["new", "optim.lr", "seed", "targets"]
     assert _differing_keys(a, b, ignore=("targets",)) == ["new", "optim.lr", "seed"]
+
+
+def test_a_partial_nested_section_keeps_the_fields_own_defaults():
+    """distill.student_optim defaults to SGD momentum at lr 0.05; setting only its optimizer must not fall back to
+    OptimConfig's class defaults (lr 1e-3, weight decay 0.05)."""
+    cfg = stage_config("distill", overrides=["distill.student_optim.opt=nesterov"])
+    assert cfg.student_optim.opt == "nesterov"
+    assert cfg.student_optim.lr == 0.05 and cfg.student_optim.weight_decay == 5e-4
+    teacher = stage_config("distill", overrides=["distill.teacher_optim.lr=1.0e-4"]).teacher_optim
+    assert teacher.lr == 1e-4 and teacher.opt == "adam" and teacher.weight_decay == 0.0 and teacher.sched == "constant"
