@@ -554,7 +554,7 @@ def di_negative_steps(tmp: Path, fx: Fx) -> Case:
 def di_unknown_mode(tmp: Path, fx: Fx) -> Case:
     out, bad = di_out(tmp)
     return Case(["distill", "--targets", tmp / "t.h5", "--mode", "mpl", "--out", out],
-                ("distill.mode must be one of reducedmpl, kd, supervised", "use one of the listed values"), bad)
+                ("distill.mode must be one of reducedmpl, kd, online-kd, supervised", "use one of the listed values"), bad)
 
 
 def di_resume_nothing(tmp: Path, fx: Fx) -> Case:

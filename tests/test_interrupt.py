@@ -554,7 +554,7 @@ def test_precompute_ctrl_c_keeps_finished_shards(precompute_args, precompute_ref
 def test_precompute_disk_full_leaves_no_store_a_later_stage_would_take(precompute_args, precompute_ref,
                                                                       one_thread, tmp_path):
     """A shard that does not fit: a one-line error naming it, nothing left behind, the same store once there is
-    room (HDF5 writes through reducedmpl, so the failed write never reaches HDF5: see ``targets._NewFile``)."""
+    room (HDF5 writes through reducedmpl, so the failed write never reaches HDF5: see ``targets.writer._NewFile``)."""
     shard = min(p.stat().st_size for p in precompute_ref.out.parent.glob("targets-*.h5"))
     cut = tmp_path / "cut" / "targets.h5"
     rc, _, err = finish(launch(*precompute_args, "--out", cut, limit=shard // 2))
