@@ -55,6 +55,8 @@ DEFAULT_DATA = default_data(fallback=None)  # the MNIST folder beside the reposi
 BASES = {
     "supervised": {"mode": "supervised"},
     "kd": {"mode": "kd"},
+    # the consistent anchor: the large teacher itself, run on the student's augmented view every step
+    "online-kd": {"mode": "online-kd"},
     "reinforce": {"mode": "reducedmpl", "teacher_grad": "reinforce"},
     # J by forward difference: the same quantity as the jvp up to O(eps), and 1.5x faster on a 2-core CPU
     # (172 vs 259 ms/step here); pass exact_method=jvp to check
@@ -153,6 +155,8 @@ def distill_one(args_dict: dict, spec: str, seed: int, targets: str) -> dict:
         return json.loads(result_path.read_text())
     kw = {"steps": args.steps, "seed": seed, "device": "cpu", "eval_every": args.eval_every,
           "log_every": 10, "checkpoint_every": 10**9, **parse_variant(spec)}
+    if kw["mode"] == "online-kd":
+        kw["large_teacher"] = str(Path(args.out) / "large" / "teacher.pt")
     cfg = from_dict(DistillConfig, kw, "distill")
     cfg.validate()
     return distill.run(cfg, targets, run_dir, overwrite=True, console=Console(stderr=True), quiet=True)

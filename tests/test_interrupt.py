@@ -37,7 +37,7 @@ from conftest import assert_one_line_error, cli, cli_subprocess
 from reducedmpl.data.loading import Batcher
 from reducedmpl.engine.interrupt import graceful_stop
 from reducedmpl.engine.runs import RUN_FILES, read_jsonl
-from reducedmpl.files import save_torch as atomic_save
+from reducedmpl.files import save_torch
 from reducedmpl.errors import DiskFullError
 from reducedmpl.models import load_artifact, safe_load
 from reducedmpl.stages.distill import Distiller
@@ -596,7 +596,7 @@ def test_precompute_out_of_space_on_a_shard_or_the_master(precompute_args, preco
 
 def test_atomic_save_on_a_full_disk_keeps_the_file_there(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    atomic_save({"step": 1}, path)
+    save_torch({"step": 1}, path)
     before = sha(path)
 
     def fsync(fd):
@@ -604,7 +604,7 @@ def test_atomic_save_on_a_full_disk_keeps_the_file_there(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", fsync)
     with pytest.raises(DiskFullError, match=re.escape(f"could not write {path}")) as e:
-        atomic_save({"step": 2}, path)
+        save_torch({"step": 2}, path)
     assert "quota" in str(e.value).lower() and "--resume" in str(e.value)
     assert sha(path) == before and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
