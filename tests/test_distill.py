@@ -179,3 +179,15 @@ def test_config_rejects_bad_distill_values():
     with pytest.raises(ConfigError, match="did you mean 'teacher_grad'"):
         stage_config("distill", overrides=["distill.teacher_gard=exact"])
     assert isinstance(stage_config("distill"), DistillConfig)
+
+
+def test_piped_to_a_log_distill_prints_a_line_per_logged_step(tiny_targets, tmp_path):
+    """Not a terminal (a log file, CI): no progress bar to watch, so every log_every steps there is a line."""
+    r = cli("distill", "--targets", tiny_targets, "--mode", "kd", "--steps", "20", "--out", tmp_path / "d",
+            "--set", "distill.log_every=5", "--set", "distill.eval_every=10")
+    lines = [line for line in r.stdout.splitlines() if line.startswith("distill kd step ")]
+    assert [line.split()[3] for line in lines] == ["5/20", "10/20", "15/20", "20/20"], r.stdout
+    assert "val " in lines[1] and "loss " in lines[0]
+    quiet = cli("distill", "--targets", tiny_targets, "--mode", "kd", "--steps", "20", "--out", tmp_path / "q",
+                "--set", "distill.log_every=5", "--quiet")
+    assert "distill kd step" not in quiet.stdout + quiet.stderr
