@@ -231,6 +231,30 @@ def inspect(
         raise typer.Exit(1)
 
 
+@app.command("export")
+@handle_errors
+def export(
+    artifact: Annotated[Path, typer.Argument(help="teacher.pt or student.pt written by reducedmpl.")],
+    format_: Annotated[str, typer.Option("--format", "-f", help="onnx, torchscript or safetensors.")],
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="File to write (default: beside the artifact, e.g. student.onnx); a sidecar "
+                            "FILE.json describes its input and classes.")] = None,
+    batch: Annotated[Optional[int], typer.Option(
+        "--batch", help="ONNX only: fix the batch size of the graph (default: a dynamic batch).")] = None,
+    normalize: Annotated[bool, typer.Option(
+        "--normalize", help="Put the mean/std normalisation inside the graph: it then takes pixels in [0, 1].")] = False,
+    opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset version (default: the exporter's).")] = None,
+    no_check: Annotated[bool, typer.Option(
+        "--no-check", help="Skip running the export against PyTorch on the artifact's test images.")] = False,
+) -> None:
+    """Export a teacher or student as ONNX, TorchScript or safetensors, checked against PyTorch."""
+    from .export import export_artifact
+
+    result = export_artifact(artifact, format_, out, batch=batch, normalize=normalize, opset=opset,
+                             check=not no_check)
+    say(result.summary(), highlight=False, soft_wrap=True)
+
+
 @app.command("run")
 @handle_errors
 def run_pipeline(
