@@ -218,11 +218,14 @@ def precompute(
 def inspect(
     path: Annotated[Path, typer.Argument(help="targets.h5 (or its folder), teacher.pt, student.pt or reduced_teacher.pt.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed forward passes per batch size for the latency "
+                                                            "of a teacher or student (after 3 warm-up passes).")] = 20,
+    no_latency: Annotated[bool, typer.Option("--no-latency", help="Skip measuring latency.")] = False,
 ) -> None:
-    """Show what an artifact holds and check that it is sound (exit 1 when it is not)."""
+    """Show what an artifact holds, check that it is sound (exit 1 when it is not), and what a model costs."""
     from . import inspect as insp
 
-    report = insp.inspect_path(path)
+    report = insp.inspect_path(path, latency=not no_latency, runs=runs)
     if as_json:
         out_console.print_json(data=insp.jsonable(report))
     else:
@@ -292,7 +295,7 @@ def report(
     from . import report as rep
 
     written = rep.write_report(run_dir, out, console=err_console)
-    out_console.print(rep.comparison_table(written.summaries, written.baseline))
+    out_console.print(rep.comparison_table(written.summaries, written.baseline, written.teacher))
     out_console.print(f"report: {written.path}", highlight=False)
 
 

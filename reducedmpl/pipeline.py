@@ -512,12 +512,12 @@ def run_pipeline(path: str | Path, overrides: Sequence[str] = (), *, force: Sequ
             return {"run_dir": run_dir, "stages": overview, "summaries": []}
         report_md = run_dir / "report" / "report.md"
         if changed or not report_md.exists():
-            summaries = report.write_report(run_dir, console=stage_console).summaries
-            status = ""
+            written = report.write_report(run_dir, console=stage_console)
+            summaries, teacher, status = written.summaries, written.teacher, ""
         else:  # same stages, same results: the report on disk is this one (`reducedmpl report` redraws it)
             summaries = report.aggregate(report.collect_results(run_dir), pipe.baseline)
-            status = " (up to date)"
-    console.print(report.comparison_table(summaries, pipe.baseline))
+            teacher, status = report.teacher_summary(run_dir), " (up to date)"
+    console.print(report.comparison_table(summaries, pipe.baseline, teacher))
     console.print(f"comparison: {run_dir / 'comparison.md'}, {run_dir / 'comparison.csv'}; "
                   f"report{status}: {report_md}", highlight=False)
-    return {"run_dir": run_dir, "stages": overview, "summaries": summaries}
+    return {"run_dir": run_dir, "stages": overview, "summaries": summaries, "teacher": teacher}
