@@ -60,7 +60,7 @@ def handle_errors(fn):
             if _state["debug"]:
                 raise
             rank = distributed.current().rank or int(os.environ.get("RANK", "0") or 0)
-            if rank and isinstance(e, (distributed.RankZeroError, ConfigError)):
+            if rank and (isinstance(e, (distributed.RankZeroError, ConfigError)) or e.same_on_every_rank):
                 raise typer.Exit(2)  # the settings are every rank's: rank 0 reports them
             fail(f"(rank {rank}) {e}" if rank else str(e))
         except KeyboardInterrupt as e:  # Interrupted says where the loop stopped
