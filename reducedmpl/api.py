@@ -83,23 +83,26 @@ def _console(quiet: bool):
 
 
 @contextlib.contextmanager
-def _session() -> Iterator[None]:
-    """Leave the process group of a torchrun launch after each call, as the command line does."""
+def _session(log: Sequence[str] = ()) -> Iterator[None]:
+    """Log to ``log`` (e.g. ``["tensorboard"]``) besides metrics.jsonl; leave the process group of a torchrun
+    launch after each call, as the command line does."""
     from . import distributed
+    from .logsinks import logging_to
 
     try:
-        yield
+        with logging_to(log):
+            yield
     finally:
         distributed.shutdown()
 
 
 def train_large(config: Any = None, *, out: str | Path = "runs/large", resume: bool = False,
-                overwrite: bool = False, quiet: bool = False) -> StageResult:
+                overwrite: bool = False, quiet: bool = False, log: Sequence[str] = ()) -> StageResult:
     """Train (or, with ``epochs: 0``, load and evaluate) the large teacher; writes ``out/teacher.pt``."""
     from .stages import train_large as stage
 
     cfg = _config("train_large", config)
-    with _session():
+    with _session(log):
         metrics = stage.run(cfg, out, resume=resume, overwrite=overwrite, console=_console(quiet), quiet=quiet)
     out = Path(out)
     return StageResult("train_large", out, out / stage.ARTIFACT, dict(metrics or {}))
@@ -107,7 +110,7 @@ def train_large(config: Any = None, *, out: str | Path = "runs/large", resume: b
 
 def precompute(config: Any = None, *, teacher: str | Path | None = None, model: str | None = None,
                checkpoint: str | Path | None = None, out: str | Path | None = None, overwrite: bool = False,
-               quiet: bool = False) -> StageResult:
+               quiet: bool = False, log: Sequence[str] = ()) -> StageResult:
     """Store the teacher's logits over the data (``teacher`` a teacher.pt, or ``model`` with ``checkpoint``);
     writes ``out`` (default: targets.h5 beside the teacher). The teacher's recorded data is the default, so
     ``{"data": {"labeled_per_class": 10}}`` changes one setting of it."""
@@ -116,19 +119,19 @@ def precompute(config: Any = None, *, teacher: str | Path | None = None, model: 
     source = stage.open_teacher(teacher, model, checkpoint)
     cfg = _config("precompute", config, base=stage.config_base(source))
     path = stage.resolve_out(out, source)
-    with _session():
+    with _session(log):
         result = stage.run(cfg, source, path, overwrite=overwrite, console=_console(quiet), quiet=quiet)
     return StageResult("precompute", path.parent, path, dict(result))
 
 
 def distill(config: Any = None, *, targets: str | Path, out: str | Path = "runs/distill", resume: bool = False,
-            overwrite: bool = False, quiet: bool = False) -> StageResult:
+            overwrite: bool = False, quiet: bool = False, log: Sequence[str] = ()) -> StageResult:
     """Distill a student from a targets store (``reducedmpl``, ``kd`` or ``supervised`` mode); writes
     ``out/student.pt``."""
     from .stages import distill as stage
 
     cfg = _config("distill", config)
-    with _session():
+    with _session(log):
         result = stage.run(cfg, targets, out, resume=resume, overwrite=overwrite, console=_console(quiet),
                            quiet=quiet)
     out = Path(out)
@@ -136,12 +139,13 @@ def distill(config: Any = None, *, targets: str | Path, out: str | Path = "runs/
 
 
 def run(pipeline: str | Path | Mapping[str, Any], *, out_root: str | Path = "runs", overrides: Sequence[str] = (),
-        force: Sequence[str] = (), quiet: bool = False) -> RunResult:
+        force: Sequence[str] = (), quiet: bool = False, log: Sequence[str] = ()) -> RunResult:
     """Every stage of a pipeline (a YAML file, or a dict with its sections), cached by key as ``reducedmpl run``
-    does, then the comparison and the report. ``overrides`` are ``--set`` items (``"distill.steps=50"``)."""
+    does, then the comparison and the report. ``overrides`` are ``--set`` items (``"distill.steps=50"``); ``log=["tensorboard"]`` also writes TensorBoard
+    events beside every metrics.jsonl."""
     from .pipeline import run_pipeline
 
-    with _session():
+    with _session(log):
         console = _console(quiet)
         done = run_pipeline(pipeline if isinstance(pipeline, (str, Path)) else dict(pipeline), overrides,
                             force=force, out_root=out_root, console=console, stage_console=console, quiet=quiet)

@@ -37,6 +37,8 @@ DataOpt = Annotated[Optional[str], typer.Option(
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed of the run.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+LogOpt = Annotated[Optional[list[str]], typer.Option(
+    "--log", help="Also log the metrics to: tensorboard (OUT/tensorboard/; needs the tensorboard package).")]
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -124,11 +126,14 @@ def train_large(
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    log: LogOpt = None,
 ) -> None:
     """Train a large timm teacher on the labeled data (or load one) and write OUT/teacher.pt."""
     from .config import stage_config
+    from .logsinks import configure
     from .stages import train_large as stage
 
+    configure(log or ())
     flags = {"data.source": data, "model": model, "init": init, "reset_head": reset_head, "epochs": epochs,
              "batch_size": batch_size, "optim.lr": lr, "seed": seed, "device": device}
     cfg = stage_config("train_large", config, set_ or (), flags)
@@ -156,11 +161,14 @@ def distill(
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    log: LogOpt = None,
 ) -> None:
     """Co-train the reduced teacher with the student on stored targets; write OUT/student.pt."""
     from .config import stage_config
+    from .logsinks import configure
     from .stages import distill as stage
 
+    configure(log or ())
     flags = {"data.source": data, "student": student, "mode": mode, "steps": steps, "teacher_grad": teacher_grad,
              "mpl_weight": mpl_weight, "seed": seed, "device": device}
     cfg = stage_config("distill", config, set_ or (), flags)
@@ -270,10 +278,13 @@ def run_pipeline(
                                                             "exit without computing.")] = False,
     out_root: Annotated[Path, typer.Option("--out-root", help="Folder of the run folders.")] = Path("runs"),
     quiet: QuietOpt = False,
+    log: LogOpt = None,
 ) -> None:
     """Run train-large, precompute and the distill runs of a pipeline, cached by key; then compare and report."""
+    from .logsinks import configure
     from .pipeline import run_pipeline as run_all
 
+    configure(log or ())
     try:
         run_all(pipeline, set_ or (), force=force or (), dry_run=dry_run, out_root=out_root, console=out_console,
                 stage_console=err_console, quiet=quiet)
