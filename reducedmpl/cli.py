@@ -20,6 +20,27 @@ from .errors import ConfigError, DiskFullError, Interrupted, UserError, disk_ful
 app = typer.Typer(
     name="reducedmpl", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Low-memory Meta Pseudo Labels distillation for timm image classifiers.")
+
+
+def _flags_without_a_type() -> None:
+    """``--help`` lists a type after each option; a pure flag (``--resume``) takes no value, so it gets none
+    (Typer shows ``<bool>`` there, which reads as if the flag wanted one)."""
+    try:
+        from typer.core import TyperOption
+    except ImportError:  # another Typer layout: its own help is kept
+        return
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "_flags_untyped", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) and self.metavar is None else shown(self, ctx)
+
+    display_type_rich._flags_untyped = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_without_a_type()
 # Piped into a file or a log, tables are not squeezed to 80 columns (rich's default without a terminal)
 out_console = Console(soft_wrap=True, width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -28,7 +49,7 @@ _state = {"debug": os.environ.get("REDUCEDMPL_DEBUG") == "1"}
 # Shared options
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Pipeline YAML file with the settings.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
-    "--set", help="Override a setting: --set section.key=value (repeatable).")]
+    "--set", metavar="KEY=VALUE", help="Override a setting: --set section.key=value (repeatable).")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder of this stage.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a run already in --out.")]
@@ -38,7 +59,7 @@ SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed of t
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 LogOpt = Annotated[Optional[list[str]], typer.Option(
-    "--log", help="Also log the metrics to: tensorboard (OUT/tensorboard/; needs the tensorboard package).")]
+    "--log", metavar="SINK", help="Also log the metrics to: tensorboard (OUT/tensorboard/; needs the tensorboard package).")]
 
 
 def fail(message: str, code: int = 2) -> None:
