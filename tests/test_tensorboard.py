@@ -51,3 +51,23 @@ def test_log_refuses_unknown_sinks_and_a_missing_package(tiny_targets, tmp_path,
     assert_one_line_error(cli(*args, "--log", "tensorboard", check=False), "needs the tensorboard package",
                           "pip install tensorboard")
     assert not (tmp_path / "d" / "student.pt").exists()
+
+
+def test_a_resumed_run_purges_the_events_past_its_checkpoint(tmp_path):
+    pytest.importorskip("tensorboard")
+    from reducedmpl.logsinks import TensorBoardWriter
+
+    first = TensorBoardWriter(tmp_path / "tb")
+    for step in range(5):
+        first.write({"step": step, "loss": float(step)})
+    first.close()
+    resumed = TensorBoardWriter(tmp_path / "tb", keep_until=("step", 2))  # the checkpoint was at step 2
+    resumed.write({"step": 3, "loss": 30.0})
+    resumed.write({"final": True, "test_acc": 0.5})
+    resumed.close()
+    scalars = _scalars(tmp_path / "tb")
+    assert dict(scalars["loss"]) == {0: 0.0, 1: 1.0, 2: 2.0, 3: 30.0}  # step 4 of the killed run is gone
+    assert scalars["final/test_acc"] == [(3, 0.5)]
+    fresh = TensorBoardWriter(tmp_path / "tb")  # a fresh run starts without the old events
+    fresh.close()
+    assert "loss" not in _scalars(tmp_path / "tb")
