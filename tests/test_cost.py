@@ -7,16 +7,16 @@ from torch import nn
 
 from conftest import cli
 from reducedmpl import cost
+from reducedmpl.models import model_from_artifact
 
 
 def test_flops_of_a_linear_layer_are_two_per_multiply_add():
     layer = nn.Linear(12, 5)
     assert cost.flops_per_image(layer, (12,), batch=3) == 2 * 12 * 5
-    with torch.no_grad():  # the total over a batch, as FlopCounterMode counts it: 2 * in * out * batch
-        from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.flop_counter import FlopCounterMode
 
-        with FlopCounterMode(display=False) as counter:
-            layer(torch.zeros(7, 12))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:  # the total over a batch: 2 * in * out * batch
+        layer(torch.zeros(7, 12))
     assert counter.get_total_flops() == 2 * 12 * 5 * 7
 
 
@@ -52,8 +52,7 @@ def test_cached_cost_is_kept_beside_the_artifact_until_it_changes(tiny_student, 
     shutil.copy(tiny_student, artifact)
     first = cost.cached_cost(artifact, runs=3)
     assert first["arch"] == "test_resnet" and first["size_bytes"] == artifact.stat().st_size
-    assert first["params"] == cost.parameter_count(__import__("reducedmpl.models").models.model_from_artifact(
-        torch.load(artifact, weights_only=True)))
+    assert first["params"] == cost.parameter_count(model_from_artifact(torch.load(artifact, weights_only=True)))
     saved = json.loads((tmp_path / "cost.json").read_text())
     saved["cost"]["params"] = -1  # a cached figure is read back, not measured again
     (tmp_path / "cost.json").write_text(json.dumps(saved))
