@@ -20,6 +20,27 @@ from .errors import ConfigError, DiskFullError, Interrupted, UserError, disk_ful
 app = typer.Typer(
     name="reducedmpl", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Low-memory Meta Pseudo Labels distillation for timm image classifiers.")
+
+
+def _flags_without_a_type() -> None:
+    """``--help`` lists a type after each option; a pure flag (``--resume``) takes no value, so it gets none
+    (Typer shows ``<bool>`` there, which reads as if the flag wanted one)."""
+    try:
+        from typer.core import TyperOption
+    except ImportError:  # another Typer layout: its own help is kept
+        return
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "_flags_untyped", False):
+        return
+
+    def display_type_rich(self, ctx):
+        return None if getattr(self, "is_flag", False) and self.metavar is None else shown(self, ctx)
+
+    display_type_rich._flags_untyped = True
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_without_a_type()
 # Piped into a file or a log, tables are not squeezed to 80 columns (rich's default without a terminal)
 out_console = Console(soft_wrap=True, width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -28,7 +49,7 @@ _state = {"debug": os.environ.get("REDUCEDMPL_DEBUG") == "1"}
 # Shared options
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Pipeline YAML file with the settings.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
-    "--set", help="Override a setting: --set section.key=value (repeatable).")]
+    "--set", metavar="KEY=VALUE", help="Override a setting: --set section.key=value (repeatable).")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder of this stage.")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a run already in --out.")]
@@ -37,6 +58,8 @@ DataOpt = Annotated[Optional[str], typer.Option(
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed of the run.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+LogOpt = Annotated[Optional[list[str]], typer.Option(
+    "--log", metavar="SINK", help="Also log the metrics to: tensorboard (OUT/tensorboard/; needs the tensorboard package).")]
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -60,7 +83,7 @@ def handle_errors(fn):
             if _state["debug"]:
                 raise
             rank = distributed.current().rank or int(os.environ.get("RANK", "0") or 0)
-            if rank and isinstance(e, (distributed.RankZeroError, ConfigError)):
+            if rank and (isinstance(e, (distributed.RankZeroError, ConfigError)) or e.same_on_every_rank):
                 raise typer.Exit(2)  # the settings are every rank's: rank 0 reports them
             fail(f"(rank {rank}) {e}" if rank else str(e))
         except KeyboardInterrupt as e:  # Interrupted says where the loop stopped
@@ -124,11 +147,14 @@ def train_large(
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    log: LogOpt = None,
 ) -> None:
     """Train a large timm teacher on the labeled data (or load one) and write OUT/teacher.pt."""
     from .config import stage_config
+    from .logsinks import configure
     from .stages import train_large as stage
 
+    configure(log or ())
     flags = {"data.source": data, "model": model, "init": init, "reset_head": reset_head, "epochs": epochs,
              "batch_size": batch_size, "optim.lr": lr, "seed": seed, "device": device}
     cfg = stage_config("train_large", config, set_ or (), flags)
@@ -158,11 +184,14 @@ def distill(
     resume: ResumeOpt = False,
     overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
+    log: LogOpt = None,
 ) -> None:
     """Co-train the reduced teacher with the student on stored targets; write OUT/student.pt."""
     from .config import stage_config
+    from .logsinks import configure
     from .stages import distill as stage
 
+    configure(log or ())
     flags = {"data.source": data, "student": student, "mode": mode, "steps": steps, "teacher_grad": teacher_grad,
              "mpl_weight": mpl_weight, "seed": seed, "device": device,
              "large_teacher": str(teacher) if teacher is not None else None}
@@ -221,17 +250,44 @@ def precompute(
 def inspect(
     path: Annotated[Path, typer.Argument(help="targets.h5 (or its folder), teacher.pt, student.pt or reduced_teacher.pt.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed forward passes per batch size for the latency "
+                                                            "of a teacher or student (after 3 warm-up passes).")] = 20,
+    no_latency: Annotated[bool, typer.Option("--no-latency", help="Skip measuring latency.")] = False,
 ) -> None:
-    """Show what an artifact holds and check that it is sound (exit 1 when it is not)."""
+    """Show what an artifact holds, check that it is sound (exit 1 when it is not), and what a model costs."""
     from . import inspect as insp
 
-    report = insp.inspect_path(path)
+    report = insp.inspect_path(path, latency=not no_latency, runs=runs)
     if as_json:
         out_console.print_json(data=insp.jsonable(report))
     else:
         insp.render(report, out_console)
     if report["problems"]:
         raise typer.Exit(1)
+
+
+@app.command("export")
+@handle_errors
+def export(
+    artifact: Annotated[Path, typer.Argument(help="teacher.pt or student.pt written by reducedmpl.")],
+    format_: Annotated[str, typer.Option("--format", "-f", help="onnx, torchscript or safetensors.")],
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="File to write (default: beside the artifact, e.g. student.onnx); a sidecar "
+                            "FILE.json describes its input and classes.")] = None,
+    batch: Annotated[Optional[int], typer.Option(
+        "--batch", help="ONNX only: fix the batch size of the graph (default: a dynamic batch).")] = None,
+    normalize: Annotated[bool, typer.Option(
+        "--normalize", help="Put the mean/std normalisation inside the graph: it then takes pixels in [0, 1].")] = False,
+    opset: Annotated[Optional[int], typer.Option("--opset", help="ONNX opset version (default: the exporter's).")] = None,
+    no_check: Annotated[bool, typer.Option(
+        "--no-check", help="Skip running the export against PyTorch on the artifact's test images.")] = False,
+) -> None:
+    """Export a teacher or student as ONNX, TorchScript or safetensors, checked against PyTorch."""
+    from .export import export_artifact
+
+    result = export_artifact(artifact, format_, out, batch=batch, normalize=normalize, opset=opset,
+                             check=not no_check)
+    say(result.summary(), highlight=False, soft_wrap=True)
 
 
 @app.command("run")
@@ -246,10 +302,13 @@ def run_pipeline(
                                                             "exit without computing.")] = False,
     out_root: Annotated[Path, typer.Option("--out-root", help="Folder of the run folders.")] = Path("runs"),
     quiet: QuietOpt = False,
+    log: LogOpt = None,
 ) -> None:
     """Run train-large, precompute and the distill runs of a pipeline, cached by key; then compare and report."""
+    from .logsinks import configure
     from .pipeline import run_pipeline as run_all
 
+    configure(log or ())
     try:
         run_all(pipeline, set_ or (), force=force or (), dry_run=dry_run, out_root=out_root, console=out_console,
                 stage_console=err_console, quiet=quiet)
@@ -271,7 +330,7 @@ def report(
     from . import report as rep
 
     written = rep.write_report(run_dir, out, console=err_console)
-    out_console.print(rep.comparison_table(written.summaries, written.baseline))
+    out_console.print(rep.comparison_table(written.summaries, written.baseline, written.teacher))
     out_console.print(f"report: {written.path}", highlight=False)
 
 

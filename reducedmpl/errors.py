@@ -12,6 +12,8 @@ from typing import Iterator
 class UserError(Exception):
     """A problem with the user's input, with a message that names the problem and the fix."""
 
+    same_on_every_rank = False  # under torchrun: every rank meets it alike, so only rank 0 prints it
+
     def __init__(self, problem: str, fix: str | None = None):
         message = problem if fix is None else f"{problem} — {fix}"
         super().__init__(" ".join(message.split()))  # always one line

@@ -37,8 +37,14 @@ def fsync_dir(folder: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def publish(tmp: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
-    """Move the complete (already fsynced) ``tmp`` onto ``final``."""
+def publish(tmp: str | os.PathLike[str], final: str | os.PathLike[str], sync: bool = False) -> None:
+    """Move the complete ``tmp`` onto ``final``; ``sync`` fsyncs it first (for files another library wrote)."""
+    if sync:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     os.replace(tmp, final)
     fsync_dir(Path(final).parent)
 

@@ -29,8 +29,12 @@ ARTIFACT_KINDS = ("teacher", "student")
 
 
 # ---------------------------------------------------------------------------------------------- detection
-def inspect_path(path: str | Path) -> dict[str, Any]:
-    """Inspect a targets store, teacher.pt or student.pt; anything else is a UserError."""
+def inspect_path(path: str | Path, *, latency: bool = True, runs: int | None = None) -> dict[str, Any]:
+    """Inspect a targets store, teacher.pt or student.pt; anything else is a UserError.
+
+    For a teacher or student the report's ``cost`` holds parameters, FLOPs per image, size on disk and (unless
+    ``latency`` is False) the latency measured here, ``runs`` timed passes per batch size
+    (:mod:`reducedmpl.cost`)."""
     path = Path(path)
     if path.is_dir():
         path = path / MASTER_NAME
@@ -41,7 +45,7 @@ def inspect_path(path: str | Path) -> dict[str, Any]:
     if path.suffix not in (".pt", ".pth") and not _head(path).startswith(ZIP_SIGNATURE):
         raise UserError(f"{path} is neither a targets store nor a reducedmpl teacher/student artifact",
                         "pass a targets.h5, teacher.pt or student.pt")
-    return inspect_artifact(path)
+    return inspect_artifact(path, latency=latency, runs=runs)
 
 
 def _head(path: Path) -> bytes:
@@ -79,8 +83,8 @@ def inspect_store(path: str | Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- artifacts
-def inspect_artifact(path: str | Path) -> dict[str, Any]:
-    """What a teacher.pt / student.pt records, and whether its weights are sound."""
+def inspect_artifact(path: str | Path, *, latency: bool = True, runs: int | None = None) -> dict[str, Any]:
+    """What a teacher.pt / student.pt records, whether its weights are sound, and what it costs to run."""
     import torch
 
     from .models import ARTIFACT_KEYS, safe_load
@@ -108,7 +112,7 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
         "mean": prep.get("mean"), "std": prep.get("std"), "data_source": data.get("source"),
         "split_seed": data.get("split_seed"), "fingerprints": obj.get("data_fingerprints") or {},
         "split_sizes": obj.get("split_sizes") or {}, "metrics": obj.get("metrics") or {},
-        "tool_version": obj.get("tool_version"), "parameters": None, "nonfinite_values": None,
+        "tool_version": obj.get("tool_version"), "parameters": None, "nonfinite_values": None, "cost": None,
         "problems": problems,
     }
     sd = obj.get("state_dict")
@@ -125,9 +129,15 @@ def inspect_artifact(path: str | Path) -> dict[str, Any]:
     if isinstance(report["num_classes"], int) and report["class_names"] \
             and len(report["class_names"]) != report["num_classes"]:
         problems.append(f"num_classes is {report['num_classes']} but {len(report['class_names'])} class names")
-    problem = _strict_load_problem(sd, report, prep)
+    problem, model = _strict_load_problem(sd, report, prep)
     if problem:
         problems.append(problem)
+    elif not bad:
+        from . import cost
+
+        shape = [int(report["in_chans"]), int(prep.get("input_size") or 0), int(prep.get("input_size") or 0)]
+        figures = cost.model_cost(model, shape, latency=latency, runs=runs or cost.DEFAULT_RUNS)
+        report["cost"] = {"size_bytes": path.stat().st_size, **figures}
     return report
 
 
@@ -187,21 +197,22 @@ def _reduced_teacher_rows(r: dict) -> list[tuple[str, str]]:
     ]
 
 
-def _strict_load_problem(sd: dict, report: dict, prep: dict) -> str | None:
-    """None when ``sd`` loads strictly into ``timm.create_model(arch, num_classes, in_chans)``."""
+def _strict_load_problem(sd: dict, report: dict, prep: dict) -> tuple[str | None, Any]:
+    """(None, the model) when ``sd`` loads strictly into ``timm.create_model(arch, num_classes, in_chans)``,
+    else (the problem, None)."""
     from .models import create_model
 
     arch, classes, chans = report["arch"], report["num_classes"], report["in_chans"]
     if not isinstance(arch, str) or not isinstance(classes, int) or not isinstance(chans, int):
-        return "arch, num_classes or in_chans is missing, so the weights cannot be checked"
+        return "arch, num_classes or in_chans is missing, so the weights cannot be checked", None
     try:
         model = create_model(arch, classes, chans, input_size=prep.get("input_size"))
         model.load_state_dict(sd, strict=True)
     except Exception as e:  # noqa: BLE001 - any failure is a finding, not a crash
         first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
         return f"state_dict does not load strictly into timm {arch!r} ({classes} classes, {chans} channels): " \
-               f"{first[:160]}"
-    return None
+               f"{first[:160]}", None
+    return None, model
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -269,10 +280,27 @@ def _artifact_rows(r: dict) -> list[tuple[str, str]]:
         ("fingerprints", _fingerprints(r.get("fingerprints"))),
         ("metrics", ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
          or "none"),
-        ("parameters", "n/a" if r.get("parameters") is None else f"{r['parameters']:,}"),
+        ("state dict", "n/a" if r.get("parameters") is None else f"{r['parameters']:,} values (parameters and "
+                                                                   f"buffers)"),
         ("NaN/Inf values", "n/a" if r.get("nonfinite_values") is None else f"{r['nonfinite_values']:,}"),
+        *_cost_rows(r.get("cost")),
         ("tool version", str(r.get("tool_version"))),
     ]
+
+
+def _cost_rows(c: dict | None) -> list[tuple[str, str]]:
+    from .cost import human
+
+    if not c:
+        return []
+    rows = [("cost", f"{c['params']:,} parameters, {human(c['flops_per_image'], 'FLOPs')} per image "
+                     f"(FlopCounterMode), {human(c['size_bytes'], 'B')} on disk")]
+    for batch, lat in (c.get("latency") or {}).items():
+        rows.append((f"latency, batch {batch}",
+                     f"{lat['median_ms']:.3g} ms median ({lat['per_image_ms']:.3g} ms per image; min {lat['min_ms']:.3g}, "
+                     f"max {lat['max_ms']:.3g}; {lat['runs']} runs after {lat['warmup']} warm-up) on "
+                     f"{c.get('device_name')}, {c.get('threads')} torch thread(s)"))
+    return rows
 
 
 def render(report: dict, console: Console) -> None:

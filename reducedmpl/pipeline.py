@@ -80,10 +80,16 @@ class Pipeline:
     baseline: str | None = None  # run whose per-seed differences the comparison reports
 
 
-def load_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> Pipeline:
-    """Read ``path``, apply ``--set`` overrides (pipeline namespace: ``distill.steps=50``) and validate."""
-    path = Path(path)
-    doc = read_yaml(path)
+def load_pipeline(path: str | Path | dict, overrides: Sequence[str] = ()) -> Pipeline:
+    """Read ``path`` (or take a dict with the file's sections), apply ``--set`` overrides (pipeline namespace:
+    ``distill.steps=50``) and validate."""
+    if isinstance(path, dict):
+        if not isinstance(path.get("name"), str):
+            raise ConfigError("a pipeline given as a dict needs a 'name'", "add e.g. 'name': 'digits'")
+        doc, path = path, Path(f"<pipeline {path['name']}>")
+    else:
+        path = Path(path)
+        doc = read_yaml(path)
     valid = PIPELINE_KEYS | set(SECTIONS)
     for key in doc:
         if key not in valid:
@@ -452,7 +458,7 @@ def _link(link: Path, target: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- entry point
-def run_pipeline(path: str | Path, overrides: Sequence[str] = (), *, force: Sequence[str] = (),
+def run_pipeline(path: str | Path | dict, overrides: Sequence[str] = (), *, force: Sequence[str] = (),
                  dry_run: bool = False, out_root: str | Path = "runs", console: Console | None = None,
                  stage_console: Console | None = None, quiet: bool = False) -> dict:
     """Plan and (unless ``dry_run``) run a pipeline, then compare the distill runs and write the report.
@@ -490,12 +496,12 @@ def run_pipeline(path: str | Path, overrides: Sequence[str] = (), *, force: Sequ
             return {"run_dir": run_dir, "stages": overview, "summaries": []}
         report_md = run_dir / "report" / "report.md"
         if changed or not report_md.exists():
-            summaries = report.write_report(run_dir, console=stage_console).summaries
-            status = ""
+            written = report.write_report(run_dir, console=stage_console)
+            summaries, teacher, status = written.summaries, written.teacher, ""
         else:  # same stages, same results: the report on disk is this one (`reducedmpl report` redraws it)
             summaries = report.aggregate(report.collect_results(run_dir), pipe.baseline)
-            status = " (up to date)"
-    console.print(report.comparison_table(summaries, pipe.baseline))
+            teacher, status = report.teacher_summary(run_dir), " (up to date)"
+    console.print(report.comparison_table(summaries, pipe.baseline, teacher))
     console.print(f"comparison: {run_dir / 'comparison.md'}, {run_dir / 'comparison.csv'}; "
                   f"report{status}: {report_md}", highlight=False)
-    return {"run_dir": run_dir, "stages": overview, "summaries": summaries}
+    return {"run_dir": run_dir, "stages": overview, "summaries": summaries, "teacher": teacher}

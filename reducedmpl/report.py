@@ -18,6 +18,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from . import cost as costs
 from .engine.runs import read_jsonl
 from .errors import UserError
 from .run_index import read_index
@@ -45,8 +46,35 @@ def collect_results(run_dir: str | Path) -> list[dict]:
                             "run the pipeline again (with --force for that stage) to rewrite it")
         rows.append({"run": entry["run"], "mode": entry["mode"], "seed": entry["seed"],
                      "test_acc": result.get("test_acc"), "val_acc": result.get("val_acc"),
-                     "folder": run_dir / entry["folder"]})
+                     "folder": run_dir / entry["folder"],
+                     "cost": costs.cached_cost(run_dir / entry["folder"] / "student.pt")})
     return rows
+
+
+@dataclass
+class TeacherSummary:
+    """The large teacher of a run: its accuracies (fractions) and what it costs to run."""
+
+    arch: str | None
+    test: float | None
+    val: float | None
+    cost: dict | None
+
+
+def teacher_summary(run_dir: str | Path, index: dict | None = None) -> TeacherSummary | None:
+    """The run's large teacher from its train_large stage (final metrics row, teacher.pt's cost); None without one."""
+    run_dir = Path(run_dir)
+    index = index if index is not None else read_index(run_dir)
+    entry = next((e for e in index["stages"] if e["stage"] == "train_large"), None)
+    if entry is None:
+        return None
+    folder = run_dir / entry["folder"]
+    metrics = folder / "metrics.jsonl"
+    final = next((r for r in reversed(read_jsonl(metrics)) if r.get("final")), {}) if metrics.exists() else {}
+    cost = costs.cached_cost(folder / "teacher.pt")
+    if not final and cost is None:
+        return None
+    return TeacherSummary((cost or {}).get("arch"), final.get("test_acc"), final.get("val_acc"), cost)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -67,6 +95,12 @@ class RunSummary:
     test: list[float] = field(default_factory=list)
     val: list[float] = field(default_factory=list)
     diff: list[float] | None = None  # per-seed test_acc - baseline test_acc, seeds both have; None: no baseline
+    costs: list[dict | None] = field(default_factory=list)  # per seed: cost.json of its student (None: unknown)
+
+    @property
+    def cost(self) -> dict | None:
+        """Parameters and FLOPs of the run's student, latency the mean over its seeds."""
+        return costs.mean_cost(self.costs)
 
     @property
     def test_stats(self) -> tuple[float, float]:
@@ -89,6 +123,7 @@ def aggregate(results: list[dict], baseline: str | None = None) -> list[RunSumma
         s.seeds.append(r["seed"])
         s.test.append(r["test_acc"])
         s.val.append(r["val_acc"])
+        s.costs.append(r.get("cost"))
     order = list(dict.fromkeys(r["run"] for r in results))
     base = summaries.get(baseline) if baseline else None
     if base is not None:
@@ -108,58 +143,105 @@ def _fmt(stats: tuple[float, float], signed: bool = False) -> str:
     return text if math.isnan(std) else f"{text} ± {100 * std:.2f}"
 
 
-def _columns(baseline: str | None, summaries: list[RunSummary]) -> list[str]:
+def _with_cost(summaries: list[RunSummary], teacher: TeacherSummary | None) -> bool:
+    return any(s.cost for s in summaries) or bool(teacher and teacher.cost)
+
+
+def _columns(baseline: str | None, summaries: list[RunSummary], teacher: TeacherSummary | None = None) -> list[str]:
     cols = ["run", "mode", "seeds", "test acc %", "val acc %"]
     if any(s.diff is not None for s in summaries):
         cols.append(f"Δ test vs {baseline}")
+    if _with_cost(summaries, teacher):
+        cols += list(costs.COST_COLUMNS)
     return cols
 
 
-def _note(baseline: str | None, with_diff: bool) -> str:
+def _note(baseline: str | None, with_diff: bool, cost_note: str = "") -> str:
     note = "accuracies in %, mean ± sample standard deviation over seeds"
     if with_diff:
         note += f"; Δ: test accuracy minus {baseline}'s with the same seed, in points, mean ± std"
+    if cost_note:
+        note += f"; {cost_note}"
     return note
 
 
-def _cells(s: RunSummary, with_diff: bool) -> list[str]:
+def _cells(s: RunSummary, with_diff: bool, with_cost: bool = False,
+           teacher: TeacherSummary | None = None) -> list[str]:
     cells = [s.run, s.mode, str(len(s.seeds)), _fmt(s.test_stats), _fmt(s.val_stats)]
     if with_diff:
         cells.append("—" if s.diff is None else _fmt(s.diff_stats, signed=True))
+    if with_cost:
+        cells += costs.cost_cells(s.cost, teacher.cost if teacher is not None else None)
     return cells
 
 
-def comparison_table(summaries: list[RunSummary], baseline: str | None = None) -> Table:
-    cols = _columns(baseline, summaries)
-    table = Table(title="comparison", title_justify="left", caption=_note(baseline, len(cols) > 5),
-                  caption_justify="left")
+def _teacher_cells(t: TeacherSummary, with_diff: bool, with_cost: bool) -> list[str]:
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.2f}"  # noqa: E731
+    cells = ["large teacher", f"teacher ({t.arch})" if t.arch else "teacher", "1", pct(t.test), pct(t.val)]
+    if with_diff:
+        cells.append("—")
+    if with_cost:
+        cells += costs.cost_cells(t.cost)
+    return cells
+
+
+def _rows(summaries: list[RunSummary], baseline: str | None,
+          teacher: TeacherSummary | None) -> tuple[list[str], list[list[str]], str]:
+    """Columns, cell rows (the teacher first, where the table has cost columns) and the caption."""
+    cols = _columns(baseline, summaries, teacher)
+    with_diff, with_cost = f"Δ test vs {baseline}" in cols, _with_cost(summaries, teacher)
+    rows = [_cells(s, with_diff, with_cost, teacher) for s in summaries]
+    if teacher is not None and with_cost:
+        rows.insert(0, _teacher_cells(teacher, with_diff, with_cost))
+    measured = teacher.cost if teacher is not None and teacher.cost else next((s.cost for s in summaries if s.cost),
+                                                                              None)
+    return cols, rows, _note(baseline, with_diff, costs.cost_note(measured) if with_cost else "")
+
+
+def comparison_table(summaries: list[RunSummary], baseline: str | None = None,
+                     teacher: TeacherSummary | None = None) -> Table:
+    cols, rows, note = _rows(summaries, baseline, teacher)
+    table = Table(title="comparison", title_justify="left", caption=note, caption_justify="left")
     for i, col in enumerate(cols):
         table.add_column(col, justify="left" if i < 2 else "right")
-    for s in summaries:
-        table.add_row(*_cells(s, len(cols) > 5))
+    for cells in rows:
+        table.add_row(*cells)
     return table
 
 
-def comparison_markdown(summaries: list[RunSummary], baseline: str | None = None) -> str:
-    cols = _columns(baseline, summaries)
+def comparison_markdown(summaries: list[RunSummary], baseline: str | None = None,
+                        teacher: TeacherSummary | None = None) -> str:
+    cols, rows, note = _rows(summaries, baseline, teacher)
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(cols) - 2)) + "|"]
-    lines += ["| " + " | ".join(_cells(s, len(cols) > 5)) + " |" for s in summaries]
-    note = _note(baseline, len(cols) > 5)
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     return "\n".join(lines) + f"\n\n{note[0].upper()}{note[1:]}.\n"
 
 
-def write_comparison(run_dir: str | Path, summaries: list[RunSummary], baseline: str | None = None) -> None:
-    """``comparison.md`` and ``comparison.csv`` (fractions, full precision) in ``run_dir``."""
+CSV_COST = ["params", "flops_per_image", "latency_ms_b1", "latency_ms_per_image_b64"]
+
+
+def write_comparison(run_dir: str | Path, summaries: list[RunSummary], baseline: str | None = None,
+                     teacher: TeacherSummary | None = None) -> None:
+    """``comparison.md`` and ``comparison.csv`` (fractions, full precision; the cost figures and their
+    student / teacher ratios; a ``teacher`` row where the run has one) in ``run_dir``."""
     run_dir = Path(run_dir)
-    (run_dir / "comparison.md").write_text(comparison_markdown(summaries, baseline))
+    (run_dir / "comparison.md").write_text(comparison_markdown(summaries, baseline, teacher))
+    teacher_cost = teacher.cost if teacher is not None else None
+    num = lambda v: "" if v is None else f"{v:.10g}"  # noqa: E731
     with open(run_dir / "comparison.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["run", "mode", "n_seeds", "seeds", "test_acc_mean", "test_acc_std", "val_acc_mean",
-                    "val_acc_std", "baseline", "diff_test_mean", "diff_test_std", "test_acc_per_seed"])
+                    "val_acc_std", "baseline", "diff_test_mean", "diff_test_std", "test_acc_per_seed", *CSV_COST,
+                    *[f"{c}_vs_teacher" for c in CSV_COST]])
         for s in summaries:
             diff = s.diff_stats if s.diff is not None else ("", "")
             w.writerow([s.run, s.mode, len(s.seeds), " ".join(map(str, s.seeds)), *_csv(s.test_stats),
-                        *_csv(s.val_stats), baseline or "", *_csv(diff), " ".join(f"{t:.6f}" for t in s.test)])
+                        *_csv(s.val_stats), baseline or "", *_csv(diff), " ".join(f"{t:.6f}" for t in s.test),
+                        *map(num, costs.cost_values(s.cost)), *map(num, costs.ratios(s.cost, teacher_cost))])
+        if teacher is not None:
+            acc = lambda x: "" if x is None else f"{x:.6f}"  # noqa: E731
+            w.writerow(["large teacher", "teacher", 1, "", acc(teacher.test), "", acc(teacher.val), "", "", "", "",
+                        acc(teacher.test), *map(num, costs.cost_values(teacher_cost)), *[""] * len(CSV_COST)])
 
 
 def _csv(stats: tuple[Any, Any]) -> list[str]:
@@ -273,9 +355,8 @@ def plot_accuracy(summaries: list[RunSummary], path: Path, teacher_test: float |
                     ha="center", fontsize=9)
     if teacher_test is not None:
         ax.axhline(100 * teacher_test, color="gray", ls="--", lw=1, label=f"large teacher ({100 * teacher_test:.1f})")
-    values = [100 * t for s in summaries for t in s.test] + ([100 * teacher_test] if teacher_test else [])
-    low = max(0.0, min(values) - max(3.0, 0.3 * (max(values) - min(values))))
-    ax.set_ylim(low, min(100.0, max(values) + 3.0))
+    ax.set_ylim(0.0, 108.0)  # from 0: bar heights compare honestly; the labels and dots give the differences
+    ax.set_yticks(np.arange(0, 101, 20))
     ax.set_xticks(x, [f"{s.run}\n({s.mode})" for s in summaries])
     ax.set_ylabel("test accuracy (%)")
     n_seeds = max(len(s.seeds) for s in summaries)
@@ -349,7 +430,7 @@ def plot_label_correction(grouped: dict[str, list[RunData]], main: str | None, p
     lines = []
     sup = next((rs for rs in grouped.values() if rs[0].mode == "supervised"), None)
     if sup is not None:
-        lines.append((f"supervised student ({sup[0].run})", _mean_curve(sup, "labeled_acc_student"), "tab:gray"))
+        lines.append((f"supervised student ({sup[0].run})", _mean_curve(sup, "labeled_acc_student"), "tab:green"))
     lines.append(("large teacher (stored targets)", _mean_curve(grouped[main], "labeled_acc_large"), "black"))
     lines.append((f"reduced teacher ({main})", _mean_curve(grouped[main], "labeled_acc_teacher"), "tab:orange"))
     lines.append((f"ReducedMPL student ({main})", _mean_curve(grouped[main], "labeled_acc_student"), "tab:blue"))
@@ -358,8 +439,13 @@ def plot_label_correction(grouped: dict[str, list[RunData]], main: str | None, p
         return "no labeled-accuracy rows in metrics.jsonl: no 'not label correction' plot"
     fig = _figure()
     ax = fig.subplots()
+    styles = {  # the reduced teacher starts as the large one: the large teacher is a wide pale band underneath,
+        # the reduced teacher a dashed line with open markers on top, so both stay visible where they coincide
+        "black": {"lw": 7, "alpha": 0.22, "zorder": 1, "solid_capstyle": "butt"},
+        "tab:orange": {"lw": 1.8, "ls": "--", "marker": "s", "ms": 5, "mfc": "none", "mew": 1.4, "zorder": 5},
+    }
     for label, (steps, mean, _, _), color in lines:
-        style = {"ls": "--", "lw": 1.4, "zorder": 4} if color == "black" else {"lw": 2, "marker": "o", "ms": 3}
+        style = styles.get(color, {"lw": 2, "marker": "o", "ms": 3, "zorder": 3})
         ax.plot(steps, 100 * mean, color=color, label=label, **style)
     ax.set_xlabel("training step")
     ax.set_ylabel("accuracy on the labeled training set (%)")
@@ -415,10 +501,60 @@ def plot_target_distributions(grouped: dict[str, list[RunData]], main: str | Non
     return None
 
 
+def plot_accuracy_latency(summaries: list[RunSummary], teacher: TeacherSummary | None, path: Path) -> str | None:
+    """Test accuracy against measured latency (batch 1, and per image at batch 64): the teacher and each run,
+    mean ± std over seeds on both axes."""
+    points = [s for s in summaries if costs.latency_ms(s.cost, 1) is not None and s.test]
+    if not points:
+        return "no measured latency (no student.pt): no accuracy-latency plot"
+    fig = _figure(9.0, 4.4)
+    axes = fig.subplots(1, 2, sharey=True)
+    colors = _colors([s.run for s in summaries])
+    markers = "osD^vP<>hX"
+    for ax, (batch, per_image, title) in zip(axes, ((1, False, "batch 1: ms per batch"),
+                                                    (64, True, "batch 64: ms per image"))):
+        xs = []  # right ends of the points' error bars
+        if teacher is not None and costs.latency_ms(teacher.cost, batch) is not None and teacher.test is not None:
+            x = costs.latency_ms(teacher.cost, batch, per_image)
+            ax.scatter([x], [100 * teacher.test], marker="*", s=260, color="black", zorder=4,
+                       label=f"large teacher ({teacher.arch})" if ax is axes[0] else None)
+            xs.append(x)
+        for i, s in enumerate(points):
+            lat = s.cost["latency"][str(batch)]
+            per_seed = np.asarray(lat.get("per_seed_ms", [lat["median_ms"]]), float) / (batch if per_image else 1)
+            mean, std = s.test_stats
+            xerr = float(per_seed.std(ddof=1)) if len(per_seed) > 1 else 0.0
+            ax.errorbar([per_seed.mean()], [100 * mean], xerr=[xerr], yerr=[0.0 if math.isnan(std) else 100 * std],
+                        fmt=markers[i % len(markers)], ms=9, color=colors[s.run], capsize=4, lw=1.5, zorder=3,
+                        label=f"{s.run} ({s.mode})" if ax is axes[0] else None)
+            xs.append(float(per_seed.mean()) + xerr)
+        positive = [x for x in xs if x > 0]
+        if positive and max(positive) > 8 * min(positive):  # orders of magnitude apart: a log axis
+            ax.set_xscale("log")
+        else:  # from 0, so that the distance between two points reads as their ratio
+            ax.set_xlim(0.0, 1.15 * max(xs))
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("measured latency (ms, median of timed runs)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy (%)")
+    values = [100 * t for s in points for t in s.test] + ([100 * teacher.test] if teacher and teacher.test else [])
+    spread = max(values) - min(values)
+    axes[0].set_ylim(max(0.0, min(values) - max(2.0, 0.3 * spread)), min(101.0, max(values) + max(2.0, 0.3 * spread)))
+    env = next((c for c in [teacher.cost if teacher else None] + [s.cost for s in points] if c), {})
+    fig.suptitle(f"Accuracy against latency (up and to the left is better; {env.get('device_name', 'cpu')}, "
+                 f"{env.get('threads', '?')} thread(s); bars: ± std over seeds)", fontsize=10)
+    fig.legend(loc="outside lower center", ncols=min(5, len(points) + 1), fontsize=8)
+    fig.savefig(path)
+    return None
+
+
 # ---------------------------------------------------------------------------------------------- report
 CAPTIONS = {
     "accuracy.png": "Test accuracy of the student per compare run: bars are the mean over seeds, error bars one "
                     "standard deviation, dots the single seeds; the dashed line is the large teacher.",
+    "accuracy_latency.png": "Test accuracy against the latency measured on this machine, at batch 1 (left) and per "
+                            "image at batch 64 (right): the large teacher (star) and each compare run (mean over "
+                            "seeds, bars one standard deviation over seeds on both axes).",
     "learning_curves.png": "Validation accuracy during training (mean over seeds; the band spans the seeds).",
     "mpl_signal.png": "The MPL signal h per reducedmpl run (raw in light, smoothed in bold). Positive h means the "
                       "student's step on the reduced teacher's pseudo labels lowered its labeled loss; h near zero "
@@ -433,15 +569,6 @@ CAPTIONS = {
 }
 
 
-def _teacher_test_acc(run_dir: Path, index: dict) -> float | None:
-    entry = next((e for e in index["stages"] if e["stage"] == "train_large"), None)
-    metrics = run_dir / entry["folder"] / "metrics.jsonl" if entry else None
-    if metrics is None or not metrics.exists():
-        return None
-    final = next((r for r in reversed(read_jsonl(metrics)) if r.get("final")), {})
-    return final.get("test_acc")
-
-
 @dataclass
 class Report:
     path: Path  # report.md
@@ -449,6 +576,7 @@ class Report:
     baseline: str | None
     plots: list[str]  # PNG file names written
     notes: list[str]  # why the other plots were skipped
+    teacher: TeacherSummary | None = None
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, console: Console | None = None) -> Report:
@@ -466,11 +594,13 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, console: Co
                         "choose a writable --out") from None
     baseline = index.get("baseline")
     summaries = aggregate(results, baseline)
-    write_comparison(run_dir, summaries, baseline)
+    teacher = teacher_summary(run_dir, index)
+    write_comparison(run_dir, summaries, baseline, teacher)
     main = main_mpl_run(grouped)
-    teacher_test = _teacher_test_acc(run_dir, index)
+    teacher_test = teacher.test if teacher is not None else None
     plots: dict[str, Callable[[Path], str | None]] = {
         "accuracy.png": lambda p: plot_accuracy(summaries, p, teacher_test),
+        "accuracy_latency.png": lambda p: plot_accuracy_latency(summaries, teacher, p),
         "learning_curves.png": lambda p: plot_learning_curves(grouped, p),
         "mpl_signal.png": lambda p: plot_mpl_signal(grouped, p),
         "label_correction.png": lambda p: plot_label_correction(grouped, main, p),
@@ -490,7 +620,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, console: Co
     lines = [f"# Report: {index.get('name', run_dir.name)}", ""]
     if teacher_test is not None:
         lines += [f"Large teacher: test accuracy {100 * teacher_test:.2f} %.", ""]
-    lines += ["## Comparison", "", comparison_markdown(summaries, baseline) if summaries
+    lines += ["## Comparison", "", comparison_markdown(summaries, baseline, teacher) if summaries
               else "No finished distill run.\n"]
     for name in written:
         lines += [f"## {name.removesuffix('.png').replace('_', ' ')}", "", f"![{name}]({name})", "",
@@ -500,4 +630,4 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, console: Co
     lines += ["## Stages", "", "| stage | key | folder |", "|---|---|---|"]
     lines += [f"| {e['label']} | {e['key'][:8]} | {e['folder']} |" for e in index["stages"]]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    return Report(out / "report.md", summaries, baseline, written, notes)
+    return Report(out / "report.md", summaries, baseline, written, notes, teacher)

@@ -66,6 +66,15 @@ def tiny_targets(tiny_teacher) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_student(tiny_targets) -> Path:
+    """A kd student of the tiny teacher, 10 distill steps on its targets: runs/t/kd/student.pt."""
+    out = tiny_targets.parent / "kd"
+    cli("distill", "--targets", tiny_targets, "--mode", "kd", "--steps", "10", "--set", "distill.batch_size=16",
+        "--set", "distill.unlabeled_batch_size=32", "--out", out, "--quiet")
+    return out / "student.pt"
+
+
 def write_store(master: Path, meta, ids, labels, splits, logits, num_shards: int, batch: int) -> Path:
     """A targets store at ``master`` through the real writer: ``num_shards`` shards appended ``batch`` rows at a
     time, then the master file."""

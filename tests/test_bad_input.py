@@ -532,6 +532,14 @@ def di_not_hdf5(tmp: Path, fx: Fx) -> Case:
                 bad, stores=[tmp / "targets.h5"])
 
 
+def di_teacher_as_targets(tmp: Path, fx: Fx) -> Case:
+    """The new user's trip: --targets runs/t/teacher.pt names the file to pass instead."""
+    out, bad = di_out(tmp)
+    return Case(_distill(fx.teacher, out), ("is a teacher artifact (teacher.pt), not a targets store",
+                                            f"pass the targets.h5 that `reducedmpl precompute --teacher {fx.teacher}`",
+                                            str(fx.teacher.parent / "targets.h5")), bad, unchanged=[fx.teacher])
+
+
 def di_missing_store(tmp: Path, fx: Fx) -> Case:
     out, bad = di_out(tmp)
     return Case(_distill(tmp / "nope" / "targets.h5", out), ("does not exist", "run `reducedmpl precompute` first"),
@@ -623,6 +631,41 @@ def in_hostile(tmp: Path, fx: Fx) -> Case:
 # ---------------------------------------------------------------------------------------------- run
 def run_args(pipeline: Path, tmp: Path, *extra: str) -> list:
     return ["run", pipeline, "--out-root", tmp / "runs", "--quiet", *extra]
+
+
+# ---------------------------------------------------------------------------------------------- export
+def ex_targets_store(tmp: Path, fx: Fx) -> Case:
+    return Case(["export", fx.targets, "--format", "onnx", "--out", tmp / "m.onnx"],
+                ("is a targets store", "pass the teacher.pt or student.pt"),
+                [tmp / "m.onnx", tmp / "m.onnx.json"], unchanged=[fx.targets])
+
+
+def ex_truncated(tmp: Path, fx: Fx) -> Case:
+    (tmp / "teacher.pt").write_bytes(fx.teacher.read_bytes()[:3000])
+    return Case(["export", tmp / "teacher.pt", "--format", "torchscript", "--out", tmp / "m.pt"],
+                ("is corrupt or truncated", "write it again"), [tmp / "m.pt", tmp / "m.pt.json"])
+
+
+def ex_unknown_format(tmp: Path, fx: Fx) -> Case:
+    return Case(["export", fx.teacher, "--format", "tflite", "--out", tmp / "m"],
+                ("unknown export format 'tflite'", "choose one of onnx, torchscript, safetensors"),
+                [tmp / "m", tmp / "m.json"], unchanged=[fx.teacher])
+
+
+def ex_hostile(tmp: Path, fx: Fx) -> Case:
+    marker = tmp / "PWNED"
+    art = teacher_artifact(fx)
+    art["x"] = hostile_payload(marker)
+    torch.save(art, tmp / "teacher.pt")
+    return Case(["export", tmp / "teacher.pt", "--format", "onnx", "--out", tmp / "m.onnx"],
+                ("holds pickled Python objects", "save a plain state dict"), [tmp / "m.onnx"], markers=[marker])
+
+
+def ex_reduced_teacher(tmp: Path, fx: Fx) -> Case:
+    torch.save({"kind": "reduced_teacher", "state_dict": {}, "num_classes": 10}, tmp / "reduced_teacher.pt")
+    return Case(["export", tmp / "reduced_teacher.pt", "--format", "onnx", "--out", tmp / "m.onnx"],
+                ("not a reducedmpl teacher or student artifact", "pass the teacher.pt or student.pt"),
+                [tmp / "m.onnx"])
 
 
 def run_missing_pipeline(tmp: Path, fx: Fx) -> Case:
@@ -746,9 +789,10 @@ BUILDERS: list[Callable[[Path, Fx], Case]] = [
     pc_topk_too_large, pc_negative_topk, pc_teacher_truncated, pc_teacher_other_arch, pc_checkpoint_other_arch,
     pc_teacher_hostile, pc_checkpoint_hostile, pc_class_count, pc_out_holds_other_store, pc_no_teacher,
     di_other_data, di_missing_shard, di_master_without_shards, di_incomplete_master, di_unknown_schema,
-    di_nan_logits, di_not_hdf5, di_missing_store, di_outside_store_folder, di_negative_steps, di_unknown_mode,
+    di_nan_logits, di_not_hdf5, di_teacher_as_targets, di_missing_store, di_outside_store_folder, di_negative_steps, di_unknown_mode,
     di_resume_nothing, di_resume_hostile, di_class_count,
     in_missing, in_missing_store, in_not_artifact, in_plain_state_dict, in_truncated, in_hostile,
+    ex_targets_store, ex_truncated, ex_unknown_format, ex_hostile, ex_reduced_teacher,
     run_missing_pipeline, run_not_mapping, run_invalid_yaml, run_malformed_set, run_python_object, run_python_name,
     run_missing_data, run_stage_data_not_mapping, run_compare_runs_not_a_list,
     report_not_a_run, report_missing_folder, report_corrupt_index, report_index_not_a_run_index,
@@ -781,8 +825,8 @@ def test_bad_input_is_one_line_error(build, tmp_path, request):
 
 
 def test_the_matrix_covers_every_command():
-    commands = {"tl": "train-large", "pc": "precompute", "di": "distill", "in": "inspect", "run": "run",
-                "report": "report"}
+    commands = {"tl": "train-large", "pc": "precompute", "di": "distill", "in": "inspect", "ex": "export",
+                "run": "run", "report": "report"}
     assert len(BUILDERS) >= 30
     assert {b.__name__.split("_")[0] for b in BUILDERS} == set(commands)
 
@@ -874,3 +918,13 @@ def test_every_load_in_the_package_is_safe():
     assert set(sources._PICKLE_ALLOWED) <= {("numpy.core.multiarray", "_reconstruct"),
                                             ("numpy._core.multiarray", "_reconstruct"),
                                             ("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+def test_a_wrong_targets_file_is_reported_once_under_torchrun(tiny_teacher, tmp_path, monkeypatch):
+    """Every rank opens the same --targets file: only rank 0 prints the error, the others exit 2 silently."""
+    args = _distill(tiny_teacher, tmp_path / "out")
+    monkeypatch.setenv("RANK", "1")
+    r = cli(*args, check=False)
+    assert r.exit_code == 2 and r.stderr.strip() == ""
+    monkeypatch.setenv("RANK", "0")
+    assert_one_line_error(cli(*args, check=False), "is a teacher artifact")

@@ -26,7 +26,7 @@ TINY = {
 }
 COMPARE = {"seeds": [0, 1], "runs": [{"name": "supervised", "mode": "supervised"}, {"name": "kd", "mode": "kd"},
                                      {"name": "mpl", "mode": "reducedmpl", "mpl_weight": 1.0}]}
-PLOTS = ("accuracy.png", "learning_curves.png", "mpl_signal.png", "label_correction.png",
+PLOTS = ("accuracy.png", "accuracy_latency.png", "learning_curves.png", "mpl_signal.png", "label_correction.png",
          "target_distributions.png")
 
 
@@ -245,6 +245,32 @@ def test_comparison_table_is_computed_from_result_json(compared):
     assert "Δ test vs kd" in md and "| mpl | reducedmpl | 2 |" in md
 
 
+def test_comparison_has_measured_cost_of_the_teacher_and_each_student(compared):
+    """Parameters, FLOPs and latency columns with student / teacher ratios, from each artifact's cost.json."""
+    import csv
+
+    root, out = compared
+    run_dir = root / "tiny"
+    teacher = json.loads((run_dir / "large" / "cost.json").read_text())["cost"]
+    student = json.loads((run_dir / "distill-kd-0" / "cost.json").read_text())["cost"]
+    assert teacher["params"] == student["params"] > 0  # both are test_resnet here
+    assert {"1", "64"} == set(teacher["latency"]) and teacher["threads"] == torch.get_num_threads()
+    for header in ("params", "FLOPs/img", "ms b1", "ms/img b64"):
+        assert header in out
+    assert "large teacher" in out and "(1.00×)" in out  # the ratio of the same architecture
+    rows = {r["run"]: r for r in csv.DictReader(open(run_dir / "comparison.csv"))}
+    assert int(float(rows["large teacher"]["params"])) == teacher["params"]
+    assert float(rows["kd"]["flops_per_image"]) == student["flops_per_image"]
+    assert float(rows["kd"]["params_vs_teacher"]) == 1.0
+    kd_b1 = [json.loads((run_dir / f"distill-kd-{s}" / "cost.json").read_text())["cost"]["latency"]["1"]["median_ms"]
+             for s in (0, 1)]
+    assert float(rows["kd"]["latency_ms_b1"]) == pytest.approx(np.mean(kd_b1), rel=1e-5)  # mean over seeds
+    assert float(rows["kd"]["latency_ms_b1_vs_teacher"]) == pytest.approx(
+        np.mean(kd_b1) / teacher["latency"]["1"]["median_ms"], rel=1e-4)
+    md = (run_dir / "comparison.md").read_text()
+    assert md.count("| large teacher | teacher (test_resnet) | 1 |") == 1 and "torch thread" in md
+
+
 def test_report_writes_every_plot(compared):
     root, _ = compared
     report_dir = root / "tiny" / "report"
@@ -271,7 +297,8 @@ def test_report_skips_plots_without_data(tmp_path):
 
     report = write_report(run_dir)
     assert report.plots == ["accuracy.png", "learning_curves.png"]
-    assert any("no reducedmpl run" in n for n in report.notes) and len(report.notes) == 3
+    assert any("no reducedmpl run" in n for n in report.notes) and len(report.notes) == 4
+    assert any("no measured latency" in n for n in report.notes)  # no student.pt: no accuracy-latency plot
     assert "## Skipped" in report.path.read_text()
     assert not (run_dir / "report" / "mpl_signal.png").exists()
 

@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import MNIST_DIR as MNIST_T10K  # ../shared/data/mnist-t10k, beside the repository
 from reducedmpl.data import Source, load_source
 from reducedmpl.errors import DataError
-
-MNIST_T10K = Path("/work/shared/data/mnist-t10k")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -317,7 +316,7 @@ def test_mnist_digest(tmp_path: Path) -> None:
         a.content_digest(np.array([6]))
 
 
-@pytest.mark.skipif(not MNIST_T10K.is_dir(), reason="shared MNIST t10k folder not present")
+@pytest.mark.skipif(not MNIST_T10K.is_dir(), reason=f"the MNIST t10k folder {MNIST_T10K} is not present")
 def test_mnist_real_t10k() -> None:
     src = load_source(f"mnist:{MNIST_T10K}")
     assert len(src) == 10_000 and src.images is not None and src.images.shape == (10_000, 28, 28, 1)

@@ -119,7 +119,9 @@ class MetricsLog:
     """Append-only ``metrics.jsonl``; on resume, rows past the checkpoint are dropped first."""
 
     def __init__(self, path: Path, keep_until: tuple[str, float] | None = None, enabled: bool = True):
-        self.path, self.enabled = path, enabled
+        from ..logsinks import sinks_for
+
+        self.path, self.enabled, self.sinks = path, enabled, []
         if not enabled:  # not rank 0: writes nothing
             return
         if keep_until is not None and path.exists():
@@ -128,12 +130,15 @@ class MetricsLog:
             write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
         elif keep_until is None:
             write_text(path, "")
+        self.sinks = sinks_for(path, keep_until)  # e.g. TensorBoard (--log), fed every row below
 
     def write(self, **row: Any) -> None:
         if not self.enabled:
             return
         with writing(self.path), open(self.path, "a") as f:  # a torn row is dropped on resume
             f.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+        for sink in self.sinks:
+            sink.write({k: _jsonable(v) for k, v in row.items()})
 
 
 def _jsonable(v: Any) -> Any:

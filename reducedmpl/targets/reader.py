@@ -22,7 +22,32 @@ def open_h5(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r", rdcc_nbytes=0)  # no chunk cache: read only the selected rows
     except OSError as exc:
-        raise ArtifactError(f"targets store {path} is not a readable HDF5 file ({exc})", REGENERATE) from exc
+        error = _not_a_store(path) or ArtifactError(f"targets store {path} is not a readable HDF5 file ({exc})",
+                                                    REGENERATE)
+        error.same_on_every_rank = True  # every rank opens the same file: rank 0 reports it
+        raise error from exc
+
+
+def _not_a_store(path: Path) -> ArtifactError | None:
+    """The error for a teacher.pt / student.pt / reduced_teacher.pt of ours passed where a store belongs."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # torch.save's zip format
+                return None
+        import torch
+
+        kind = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("kind")
+    except Exception:  # noqa: BLE001 - not one of ours: the plain message applies
+        return None
+    if kind == "teacher":
+        return ArtifactError(f"{path} is a teacher artifact (teacher.pt), not a targets store",
+                             f"pass the targets.h5 that `reducedmpl precompute --teacher {path}` writes (by default "
+                             f"{path.parent / MASTER_NAME})")
+    if kind in ("student", "reduced_teacher"):
+        return ArtifactError(f"{path} is a {kind.replace('_', ' ')} artifact, not a targets store",
+                             "pass the targets.h5 written by `reducedmpl precompute` (the one this student was "
+                             "distilled from)")
+    return None
 
 
 def _check_virtual_sources(ds: h5py.Dataset, path: Path, folder: Path) -> set[Path]:
