@@ -347,7 +347,8 @@ def compute_shard(model: nn.Module, batcher: Batcher | None, rows: Rows, start: 
     amp = cfg.amp and device.type == "cuda"
     pos = start
     write_pool, batch_pool = pools
-    batches = _prefetched(batcher, batch_pool) if device.type == "cuda" else batcher.epoch(0)
+    batches = _prefetched(batcher, batch_pool) if device.type == "cuda" and not batcher.prefetches \
+        else batcher.epoch(0)
     with _BackgroundWriter(writer, write_pool, writer.meta.num_classes) as out:
         for logits, _, ids in predict_logits(model, _dispatching(batches, out), device, amp, cfg.channels_last):
             n = len(ids)
