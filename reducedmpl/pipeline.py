@@ -41,7 +41,7 @@ from rich.table import Table
 from . import __version__
 from .config import (PIPELINE_KEYS, SECTIONS, CompareConfig, DataConfig, DistillConfig, PrecomputeConfig,
                      TrainLargeConfig, _merged, _nearest, apply_overrides, from_dict, parse_override, read_yaml,
-                     stage_config, to_dict)
+                     short_repr, stage_config, to_dict)
 from .errors import ConfigError, DataError, UserError
 
 KINDS = ("train_large", "precompute", "distill")
@@ -96,7 +96,7 @@ def load_pipeline(path: str | Path, overrides: Sequence[str] = ()) -> Pipeline:
 
     name = doc.get("name", path.stem)
     if not isinstance(name, str) or not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise ConfigError(f"pipeline name {name!r} in {path} is not a folder name",
+        raise ConfigError(f"pipeline name {short_repr(name)} in {path} is not a folder name",
                           "use letters, digits, '-', '_' or '.', e.g. name: digits")
     data = _section(doc, "data", path)
     tl_raw = _section(doc, "train_large", path)

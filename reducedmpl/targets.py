@@ -55,7 +55,7 @@ from typing import Any, Mapping, Sequence
 import h5py
 import numpy as np
 
-from reducedmpl.errors import ArtifactError, writing
+from reducedmpl.errors import ArtifactError, UserError, writing
 
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
@@ -205,6 +205,71 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+class StoreLock:
+    """An exclusive lock on writing the store at ``master``, held from when it is taken until :meth:`release` (or
+    until the object is dropped: the lock goes with its open file, also when the process dies).
+
+    The lock is ``fcntl.flock`` on the empty file ``.NAME.lock`` beside the master; the file stays (removing it
+    while another process waits on it would let two writers in). A second writer is refused at once.
+    """
+
+    def __init__(self, master: str | os.PathLike[str]):
+        master = Path(master)
+        self.path = master.with_name(f".{master.name}.lock")
+        try:
+            master.parent.mkdir(parents=True, exist_ok=True)
+            self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"cannot create the folder of {master} ({e.strerror or e})",
+                            "choose a writable --out") from None
+        try:
+            import fcntl
+        except ImportError:  # no flock on this system: one writer at a time is up to the user
+            return
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.release()
+            raise UserError(f"another precompute is writing {master} right now (it holds {self.path})",
+                            "wait for it to finish, or choose another --out") from None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the file drops the lock
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.release()
+
+    def __enter__(self) -> "StoreLock":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def class_names_problem(store_names: Sequence[str], data_names: Sequence[str], what: str) -> str | None:
+    """None when a store's class names are the data's, in the same order; else what differs (short)."""
+    store_names, data_names = [str(n) for n in store_names], [str(n) for n in data_names]
+    if store_names == data_names:
+        return None
+    if sorted(store_names) == sorted(data_names):
+        diff = "the same names in another order"
+    else:
+        only = [n for n in store_names if n not in set(data_names)][:3]
+        diff = f"{len(store_names)} vs {len(data_names)} classes" + (f"; {', '.join(map(repr, only))} not in the data"
+                                                                      if only else "")
+    return f"{what} has other class names than the data ({diff})"
+
+
+def check_class_names(store_names: Sequence[str], data_names: Sequence[str], path: str | os.PathLike[str]) -> None:
+    """Refuse a targets store whose class names (or their order) are not the data's: its logit k would be
+    taken for the data's class k."""
+    problem = class_names_problem(store_names, data_names, f"targets store {path}")
+    if problem:
+        raise ArtifactError(problem, "precompute targets with a teacher trained on this data's classes")
 
 
 _RESUME_FIX = "free some space, then run the same precompute command again (finished shards are kept)"

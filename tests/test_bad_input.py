@@ -860,7 +860,9 @@ def test_every_load_in_the_package_is_safe():
             if mod == "yaml" and attr in ("load", "load_all", "unsafe_load", "unsafe_load_all", "full_load",
                                           "full_load_all"):
                 problems.append(f"{line}: yaml.{attr} (use yaml.safe_load)")
-            if mod == "yaml" and attr == "safe_load":
+            if mod == "yaml" and attr in ("Loader", "UnsafeLoader", "FullLoader"):
+                problems.append(f"{line}: yaml.{attr} (use yaml.SafeLoader)")
+            if mod == "yaml" and attr in ("safe_load", "SafeLoader"):
                 seen["yaml.safe_load"] += 1
             if mod == "pickle" and attr in ("load", "loads"):
                 problems.append(f"{line}: pickle.{attr} (unpickle only with a restricted Unpickler)")

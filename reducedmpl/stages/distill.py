@@ -36,8 +36,9 @@ from ..engine import (MetricsLog, autocast, create_optimizer, create_scheduler, 
                       prepare_model, prepare_run, progress, rank_output, rank_rng_states, resolve_device,
                       restore_rank_rng, seed_everything, to_device, wrap_ddp, write_config, write_text_atomic)
 from ..errors import ArtifactError, UserError
-from ..models import atomic_save, check_model_name, create_model, safe_load
-from ..targets import TargetStore
+from ..models import atomic_save, check_model_fits, check_model_name, create_model, safe_load
+from ..run_folder import drop_run
+from ..targets import TargetStore, check_class_names
 from .train_large import DataSetup, _weights, build_artifact
 
 ARTIFACT = "student.pt"
@@ -377,6 +378,7 @@ def check_store(store: TargetStore, data: DataSetup, needed: dict[str, np.ndarra
     if store.meta.num_classes != data.source.num_classes:
         raise ArtifactError(f"targets store {store.path} has {store.meta.num_classes} classes, the data "
                             f"{data.source.num_classes}", "precompute targets with a teacher for this data")
+    check_class_names(store.meta.class_names, data.source.class_names, store.path)
     for name, ids in needed.items():
         if name not in fps and len(ids):
             raise ArtifactError(f"targets store {store.path} has no rows for split {name!r}",
@@ -404,6 +406,8 @@ def run(cfg: DistillConfig, targets: str | Path, out: str | Path, *, resume: boo
         if cfg.mode != "supervised":
             needed["unlabeled"] = splits.indices["unlabeled"]
         check_store(store, data, needed)
+        check_model_fits(cfg.student, data.source.num_classes, data.prep.in_chans, data.prep.input_size,
+                         "distill.student")
         return _run(cfg, data, store, device, dist, Path(out), resume, overwrite, console, quiet)
     finally:
         store.close()
@@ -469,6 +473,8 @@ def _run(cfg, data, store, device, dist, out, resume, overwrite, console, quiet)
             measure = (d.step_count + 1) % cfg.log_every == 0
             o = d.step(measure)
             if not math.isfinite(o.student_loss):
+                if main:  # a --resume would only reach this step again: a plain rerun may start afresh
+                    drop_run(out, ARTIFACT)
                 raise UserError(f"the student's loss became {o.student_loss} at step {d.step_count}",
                                 "lower the learning rate (distill.student_optim.lr) or enable clip_grad")
             step = d.step_count

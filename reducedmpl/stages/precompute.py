@@ -34,7 +34,8 @@ from ..engine import predict_logits, prepare_model, progress, rank_output, resol
 from ..errors import ArtifactError, ConfigError, DataError, UserError
 from ..models import (ARTIFACT_KEYS, check_model_name, create_model, load_artifact, load_state_dict_file,
                       load_weights, model_from_artifact)
-from ..targets import (MASTER_NAME, SPLIT_NAMES, ShardWriter, StoreMeta, TargetStore, derive_run_key,
+from ..output import HeldConsole
+from ..targets import (MASTER_NAME, SPLIT_NAMES, ShardWriter, StoreLock, StoreMeta, TargetStore, derive_run_key,
                        file_sha256, plan_shards, shard_is_complete, shard_paths, write_master)
 from .train_large import check_artifact_data
 
@@ -426,6 +427,7 @@ def run(cfg: PrecomputeConfig, teacher: Teacher, out: str | Path | None = None, 
     device = resolve_device(cfg.device)
     dist = distributed.setup(device)
     console, quiet = rank_output(dist, console, quiet)
+    console = HeldConsole(console)  # notes wait until the checks pass: a refusal prints one line
     with ThreadPoolExecutor(2) as pool:  # hashing the teacher and loading the data overlap building the model
         sha_future = pool.submit(file_sha256, teacher.path)
         data_future = pool.submit(setup_data, cfg, teacher, console)
@@ -448,7 +450,11 @@ def run(cfg: PrecomputeConfig, teacher: Teacher, out: str | Path | None = None, 
     ranges = plan_shards(len(rows), cfg.shards)
     result = {"path": str(out), "rows": len(rows), "rows_per_split": rows.sizes, "run_key": meta.run_key,
               "shards": cfg.shards}
-    if dist.on_main(lambda: prepare_out(out, meta, paths, overwrite, console)):
+    lock: list[StoreLock] = []  # one writer of `out` until this returns (taken on the main rank)
+    up_to_date = dist.on_main(lambda: lock.append(StoreLock(out))
+                              or prepare_out(out, meta, paths, overwrite, console))
+    console.release()
+    if up_to_date:
         return {**result, "up_to_date": True, "seconds": time.perf_counter() - t0, "bytes": _bytes(out, paths)}
 
     todo = [i for i, p in enumerate(paths) if not shard_is_complete(p, meta)]

@@ -18,13 +18,14 @@ from .. import __version__, distributed
 from ..config import TrainLargeConfig, to_dict
 from ..data.loading import Batcher, Preprocess, default_preprocess
 from ..data.sources import Source, load_source
-from ..data.splits import Splits, make_splits
+from ..data.splits import Splits, check_same_data, make_splits
 from ..engine import (MetricsLog, StopRequest, Throughput, autocast, create_optimizer, create_scheduler, evaluate,
                       graceful_stop, grad_scaler, prepare_model, prepare_run, progress, rank_rng_states,
                       rank_output, resolve_device, restore_rank_rng, seed_everything, to_device, wrap_ddp,
                       write_config)
 from ..errors import ArtifactError
-from ..models import atomic_save, check_model_name, create_model, load_weights, safe_load
+from ..models import (atomic_save, check_model_fits, check_model_name, create_model, load_weights,
+                      safe_load)
 
 ARTIFACT = "teacher.pt"
 
@@ -107,8 +108,11 @@ def run(cfg: TrainLargeConfig, out: str | Path, *, resume: bool = False, overwri
     main = dist.is_main
     distributed.check_divisible("train_large.batch_size", cfg.batch_size, dist)
     data = setup_data(cfg)
+    check_model_fits(cfg.model, data.source.num_classes, data.prep.in_chans, data.prep.input_size,
+                     "train_large.model", drop_rate=cfg.drop_rate)
     config_dict = to_dict(cfg)
     out, state = prepare_run(out, ARTIFACT, resume, overwrite, config_dict, dist)
+    check_same_data(state, data.splits.fingerprints, out)
     last_path = out / "last.pt"
 
     seed_everything(cfg.seed)
@@ -171,7 +175,7 @@ def run(cfg: TrainLargeConfig, out: str | Path, *, resume: bool = False, overwri
                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                          "ema": ema.state_dict() if ema is not None else None, "epoch": epoch_done, "step": step,
                          "best": best, "rng": rng, "config": config_dict,
-                         "partial": partial}, last_path)
+                         "partial": partial, "data_fingerprints": dict(data.splits.fingerprints)}, last_path)
 
     eval_model = (lambda: ema.module) if ema is not None else (lambda: model)
     use_amp = cfg.amp and device.type == "cuda"
