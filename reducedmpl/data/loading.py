@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..config import DataConfig, parse_randaugment
 from ..distributed import Dist, rank_slice
 from ..errors import DataError
-from .sources import Source
+from .sources import Source, read_pil_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -245,12 +245,9 @@ class _FolderItems(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
-        from PIL import Image
-
         pos, epoch = key
         row = int(self.indices[pos])
-        arr = self.source.load_image(row)
-        img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).convert("RGB")
+        img = read_pil_image(self.source.files[row], "RGB")  # straight to PIL: timm's transforms take it
         if not self.train:  # evaluation transforms draw nothing
             return self.transform(img), int(self.source.labels[row]), row
         with _seeded_process_rngs(item_seed(self.seed, epoch, row)):
@@ -281,7 +278,7 @@ def _seeded_process_rngs(seed: int):
         py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
         random.seed(seed)
         np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU generator only: torch.manual_seed also queues CUDA's
         try:
             yield
         finally:

@@ -135,18 +135,23 @@ class Source:
         return h.hexdigest()
 
 
-def _read_image_file(path: str, in_chans: int) -> np.ndarray:
-    """Decode one image file with PIL into uint8 (H, W, C); any failure becomes a DataError."""
+def read_pil_image(path: str, mode: str = "RGB") -> Any:
+    """Decode one image file with PIL, converted to ``mode``; any failure becomes a DataError."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB" if in_chans == 3 else "L"), dtype=np.uint8)
+            return im.convert(mode)  # convert() decodes: a broken file fails here, inside the try
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         raise DataError(
             f"cannot read image file {path}: {type(exc).__name__}: {exc}",
             "replace or delete the corrupt file",
         ) from None
+
+
+def _read_image_file(path: str, in_chans: int) -> np.ndarray:
+    """Decode one image file with PIL into uint8 (H, W, C); any failure becomes a DataError."""
+    arr = np.asarray(read_pil_image(path, "RGB" if in_chans == 3 else "L"), dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return arr
