@@ -73,7 +73,7 @@ def _config(section: str, config: Any, base: dict | None = None) -> Any:
     if isinstance(config, Mapping):
         return stage_config(section, base=merged(base or {}, dict(config)))
     raise ConfigError(f"{section} settings must be a {cls.__name__}, a dict or a YAML path, not "
-                      f"{type(config).__name__}", f"pass e.g. {{'data': {{'source': 'digits'}}}}")
+                      f"{type(config).__name__}", "pass e.g. {'data': {'source': 'digits'}}")
 
 
 def _console(quiet: bool):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -326,21 +327,21 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise ConfigError(f"{where} must be one of {', '.join(map(str, choices))} (got {value!r})",
+            raise ConfigError(f"{where} must be one of {', '.join(map(str, choices))} (got {short_repr(value)})",
                               "use one of the listed values")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list (got {value!r})", "write it as [a, b, ...]")
+            raise ConfigError(f"{where} must be a list (got {short_repr(value)})", "write it as [a, b, ...]")
         (item,) = typing.get_args(tp)[:1] or (Any,)
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping (got {value!r})", "write it as {key: value}")
+            raise ConfigError(f"{where} must be a mapping (got {short_repr(value)})", "write it as {key: value}")
         return dict(value)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping (got {value!r})", "write it as a YAML section")
+            raise ConfigError(f"{where} must be a mapping (got {short_repr(value)})", "write it as a YAML section")
         return from_dict(tp, value, where)
     if tp is Any:
         return value
@@ -348,7 +349,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return float(value)
     if tp in (int, float, str, bool) and (type(value) is tp):
         return value
-    raise ConfigError(f"{where} must be of type {_type_name(tp)} (got {value!r})", "fix its value")
+    raise ConfigError(f"{where} must be of type {_type_name(tp)} (got {short_repr(value)})", "fix its value")
 
 
 def from_dict(cls: type, data: dict, where: str = "") -> Any:
@@ -377,7 +378,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise ConfigError(f"--set {item!r} is not of the form key=value", "write it like --set train_large.epochs=3")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = bounded_safe_load(raw) if raw.strip() else ""
+    except YamlTooLarge as e:
+        raise ConfigError(f"--set {key.strip()[:60]}=... is refused: {e}",
+                          "write the value out, without anchors and aliases") from None
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
@@ -401,12 +405,68 @@ def apply_overrides(data: dict, overrides: typing.Sequence[str], section: str | 
     return data
 
 
+YAML_NODE_BUDGET = 10_000  # values a YAML text may stand for once its aliases are expanded
+
+
+class YamlTooLarge(Exception):
+    """A YAML text whose aliases expand past :data:`YAML_NODE_BUDGET` values (or refer to themselves)."""
+
+
+def _expanded_size(node: yaml.Node, memo: dict, open_: set) -> int:
+    """How many values ``node`` stands for with every alias written out; stops past the budget."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in open_:
+        raise YamlTooLarge("an alias refers to the value that contains it")
+    open_.add(key)
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        children = node.value
+    elif isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    else:
+        children = []
+    for child in children:
+        size += _expanded_size(child, memo, open_)
+        if size > YAML_NODE_BUDGET:
+            raise YamlTooLarge(f"its aliases expand to more than {YAML_NODE_BUDGET:,} values")
+    open_.discard(key)
+    memo[key] = size
+    return size
+
+
+def bounded_safe_load(text: str) -> Any:
+    """``yaml.safe_load`` that first measures the composed document (cheap: aliases share their node) and raises
+    :class:`YamlTooLarge` for an alias bomb, before anything is expanded."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, {}, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for messages (a value from a file may be huge)."""
+    short = reprlib.Repr()  # keyword arguments to Repr() need Python 3.12
+    short.maxlevel, short.maxlist, short.maxdict, short.maxstring, short.maxother = 3, 4, 4, limit, limit
+    text = short.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist", "check the path")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = bounded_safe_load(path.read_text())
+    except YamlTooLarge as e:
+        raise ConfigError(f"config file {path} is refused: {e}",
+                          "write the values out, or use fewer anchors and aliases") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import UserError
-from .targets import MASTER_NAME, verify_store
+from .targets import MASTER_NAME, TargetStore, class_names_problem, verify_store
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 ZIP_SIGNATURE = b"PK\x03\x04"  # torch.save's format
@@ -79,7 +79,27 @@ def inspect_store(path: str | Path) -> dict[str, Any]:
                 prov[key] = json.loads(prov[key])
             except json.JSONDecodeError:
                 pass
+    if not report["problems"]:
+        _check_store_classes(path, report)
     return report
+
+
+def _check_store_classes(path: Path, report: dict[str, Any]) -> None:
+    """The store's class names against those of the data it records, when that data can be listed here."""
+    from .data.sources import load_source
+
+    spec = report.get("provenance", {}).get("data_spec")
+    try:
+        with TargetStore.open(path, memory_budget_bytes=0) as store:
+            names = list(store.meta.class_names)
+        source = load_source(str(spec))
+    except UserError:
+        report["data_checked"] = False  # the data is not here: its class names cannot be compared
+        return
+    report["data_checked"] = True
+    problem = class_names_problem(names, source.class_names, f"the store (data {spec})")
+    if problem:
+        report["problems"].append(problem)
 
 
 # ---------------------------------------------------------------------------------------------- artifacts

@@ -7,8 +7,8 @@ checkpoint_path=PATH)``: the weights sit under ``state_dict``, which timm finds 
 from __future__ import annotations
 
 import difflib
-import os
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -38,13 +38,42 @@ def create_model(name: str, num_classes: int, in_chans: int, input_size: int | N
         return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
 
 
+def check_model_fits(name: str, num_classes: int, in_chans: int, input_size: int, what: str = "model",
+                     **kwargs: Any) -> None:
+    """One dry forward pass of a fresh ``name`` on a batch of the data's shape, on the CPU, before a run folder is
+    made: a model that cannot take the input size (a ViT with a fixed patch grid, inception_v3 on 8x8 images)
+    is refused in one line instead of failing inside the first training step. The process's random state is
+    left as it was (building a model draws its initial weights)."""
+    shape = f"{in_chans}x{input_size}x{input_size}"
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            model = create_model(name, num_classes, in_chans, input_size=input_size, **kwargs)
+            model.eval()
+            with torch.no_grad():
+                out = model(torch.zeros(2, in_chans, input_size, input_size))
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure of the model on this input
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"{what} {name!r} cannot take the data's {shape} inputs "
+                              f"({type(e).__name__}: {first[:160]})",
+                              f"choose a model that takes {input_size}x{input_size} images, or set "
+                              "data.input_size to a size it takes (e.g. 224)") from None
+    if tuple(out.shape) != (2, num_classes):
+        raise ConfigError(f"{what} {name!r} gives outputs of shape {tuple(out.shape)[1:]} on {shape} inputs, "
+                          f"not {num_classes} class scores", "choose a classification model")
+
+
 def safe_load(path: str | Path, what: str = "checkpoint") -> Any:
     """``torch.load(weights_only=True)`` with one-line errors for missing, truncated and hostile files."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{what} {path} does not exist", "check the path")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a raw pickle's protocol before it refuses it
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         if "weights_only" in str(e) or "Unsupported global" in str(e):

@@ -39,9 +39,9 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .config import (PIPELINE_KEYS, SECTIONS, CompareConfig, DataConfig, DistillConfig, PrecomputeConfig,
+from .config import (PIPELINE_KEYS, SECTIONS, CompareConfig, DistillConfig, PrecomputeConfig,
                      TrainLargeConfig, apply_overrides, data_over, merge_data, merged, nearest, parse_override,
-                     read_yaml, stage_config, to_dict)
+                     read_yaml, short_repr, stage_config, to_dict)
 from .errors import ConfigError, DataError, UserError
 from .files import write_json
 from .run_index import INDEX_FILE
@@ -103,7 +103,7 @@ def load_pipeline(path: str | Path | dict, overrides: Sequence[str] = ()) -> Pip
 
     name = doc.get("name", path.stem)
     if not isinstance(name, str) or not name or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise ConfigError(f"pipeline name {name!r} in {path} is not a folder name",
+        raise ConfigError(f"pipeline name {short_repr(name)} in {path} is not a folder name",
                           "use letters, digits, '-', '_' or '.', e.g. name: digits")
     data = _section(doc, "data", path)
     tl_raw = _section(doc, "train_large", path)

@@ -387,6 +387,71 @@ def tl_malformed_set(tmp: Path, fx: Fx) -> Case:
 
 
 # ---------------------------------------------------------------------------------------------- precompute
+def alias_bomb(flow: bool = False) -> str:
+    """A few hundred bytes of nested anchors that expand to 9**9 (387 million) strings."""
+    levels = ["&a [x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 9):
+        ref = f"*{chr(96 + i)}"
+        levels.append(f"&{chr(97 + i)} [{', '.join([ref] * 9)}]")
+    if flow:
+        return "[" + ", ".join(levels) + "]"
+    return "".join(f"l{i}: {v}\n" for i, v in enumerate(levels[:-1])) + f"bomb: {levels[-1]}\n"
+
+
+def tl_yaml_alias_bomb(tmp: Path, fx: Fx) -> Case:
+    text = alias_bomb().replace("\n", "\n  ").rstrip() + "\n"
+    cfg = write_yaml(tmp / "c.yaml", "data:\n  " + text.replace("bomb:", "source:"))
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--config", cfg, "--out", out, *FAST],
+                ("aliases expand to more than 10,000 values", "fewer anchors and aliases"), [out, *bad])
+
+
+def tl_set_alias_bomb(tmp: Path, fx: Fx) -> Case:
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", "digits", "--set", f"data.source={alias_bomb(flow=True)}", "--out", out,
+                 *FAST], ("--set data.source=... is refused", "without anchors and aliases"), [out, *bad])
+
+
+def image_folder(root: Path, per_class: int = 3) -> Path:
+    for c, name in enumerate(("cat", "dog")):
+        for i in range(per_class):
+            tiny_png(root / name / f"{i}.png", 40 * c + i)
+    return root
+
+
+def tl_folder_symlink_loop(tmp: Path, fx: Fx) -> Case:
+    """cat/up -> .. would reach every dog image again as a cat, in train and test."""
+    root = image_folder(tmp / "data")
+    (root / "cat" / "up").symlink_to("..")
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", f"folder:{root}", "--out", out, *FAST],
+                ("cat/up is", "again (a symbolic link loop)", "remove the symbolic link"), [out, *bad])
+
+
+def tl_folder_duplicate_file(tmp: Path, fx: Fx) -> Case:
+    root = image_folder(tmp / "data")
+    (root / "cat" / "9.png").symlink_to(root / "dog" / "1.png")
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", f"folder:{root}", "--out", out, *FAST],
+                ("is the same file as", "remove one of them"), [out, *bad])
+
+
+def tl_folder_empty_image(tmp: Path, fx: Fx) -> Case:
+    root = image_folder(tmp / "data")
+    (root / "dog" / "empty.png").write_bytes(b"")
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", f"folder:{root}", "--out", out, *FAST],
+                ("empty.png is empty (0 bytes)", "replace or delete the broken file"), [out, *bad])
+
+
+def tl_model_too_small_input(tmp: Path, fx: Fx) -> Case:
+    """A ViT with a 16-pixel patch grid on the 8x8 digits: refused before the run folder exists."""
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", "digits", "--model", "vit_tiny_patch16_224", "--epochs", "1", "--quiet",
+                 "--out", out], ("train_large.model 'vit_tiny_patch16_224' cannot take the data's 1x8x8 inputs",
+                                 "choose a model that takes 8x8 images"), [out, *bad])
+
+
 def pc_out(tmp: Path) -> tuple[Path, list[Path]]:
     out = tmp / "pc" / "targets.h5"
     return out, [out]
@@ -466,6 +531,37 @@ def pc_no_teacher(tmp: Path, fx: Fx) -> Case:
     out, stores = pc_out(tmp)
     return Case(["precompute", "--checkpoint", tmp / "w.pth", "--out", out, "--quiet"],
                 ("no teacher given (--model is missing)", "pass --teacher"), stores=stores)
+
+
+def pc_second_writer(tmp: Path, fx: Fx) -> Case:
+    """Another precompute holds the lock of the store folder: this one refuses at once and deletes nothing."""
+    from reducedmpl.targets import StoreLock
+
+    out, stores = pc_out(tmp)
+    held = StoreLock(out)  # released when the case is dropped, after the command ran
+    out.parent.mkdir(parents=True, exist_ok=True)
+    leftover = out.parent / ".targets-00000-of-00001.h5.tmp"  # the other writer's shard in progress
+    leftover.write_bytes(b"being written")
+    case = Case(["precompute", "--teacher", fx.teacher, "--out", out, "--quiet"],
+                ("another precompute is writing", "wait for it to finish"), stores=stores, unchanged=[leftover])
+    case.held = held  # type: ignore[attr-defined]
+    return case
+
+
+def pc_note_then_error(tmp: Path, fx: Fx) -> Case:
+    """Other split settings than the teacher's (a note), then a refusal: only the refusal is printed."""
+    out, stores = pc_out(tmp)
+    return Case(["precompute", "--teacher", fx.teacher, "--set", "data.labeled_per_class=3", "--topk", "10",
+                 "--out", out], ("topk=10 must be 0 (dense) or in 1..9", "use --topk below that"), stores=stores)
+
+
+def pc_raw_pickle_teacher(tmp: Path, fx: Fx) -> Case:
+    """A state dict written with plain pickle: torch warns about its protocol before refusing; no warning shows."""
+    with open(tmp / "teacher.pt", "wb") as f:
+        pickle.dump(teacher_artifact(fx)["state_dict"], f, protocol=4)
+    out, stores = pc_out(tmp)
+    return Case(["precompute", "--teacher", tmp / "teacher.pt", "--out", out, "--quiet"],
+                ("holds pickled Python objects", "save a plain state dict"), stores=stores)
 
 
 # ---------------------------------------------------------------------------------------------- distill
@@ -593,6 +689,31 @@ def di_class_count(tmp: Path, fx: Fx) -> Case:
                 stores=[master])
 
 
+def reordered_class_names(fx: Fx, tmp: Path) -> Path:
+    """A copy of the tiny store whose class names are the data's in another order (its master and shards)."""
+    master = copy_store(fx.targets, tmp / "store")
+    for path in [master, *shards_of(master)]:
+        with h5py.File(path, "r+") as f:
+            if "class_names" in f.attrs:
+                f.attrs["class_names"] = np.array([str(9 - i) for i in range(10)], dtype=h5py.string_dtype())
+    return master
+
+
+def di_class_names_order(tmp: Path, fx: Fx) -> Case:
+    master = reordered_class_names(fx, tmp)
+    out, bad = di_out(tmp)
+    return Case(_distill(master, out), ("has other class names than the data (the same names in another order)",
+                                        "precompute targets with a teacher trained on this data's classes"),
+                [out, *bad])
+
+
+def di_student_too_small_input(tmp: Path, fx: Fx) -> Case:
+    out, bad = di_out(tmp)
+    return Case(_distill(fx.targets, out, "--student", "vit_tiny_patch16_224"),
+                ("distill.student 'vit_tiny_patch16_224' cannot take the data's 1x8x8 inputs", "set data.input_size"),
+                [out, *bad])
+
+
 # ---------------------------------------------------------------------------------------------- inspect
 def in_missing(tmp: Path, fx: Fx) -> Case:
     return Case(["inspect", tmp / "nothing.pt"], ("does not exist", "pass a targets.h5, teacher.pt or student.pt"))
@@ -718,6 +839,12 @@ def run_missing_data(tmp: Path, fx: Fx) -> Case:
     return Case(run_args(p, tmp), ("no-mnist does not exist", "point it at your data"), [tmp / "runs"])
 
 
+def run_yaml_alias_bomb(tmp: Path, fx: Fx) -> Case:
+    p = write_yaml(tmp / "p.yaml", alias_bomb().replace("bomb:", "name:"))
+    return Case(run_args(p, tmp), ("aliases expand to more than 10,000 values", "fewer anchors and aliases"),
+                [tmp / "runs"])
+
+
 # ---------------------------------------------------------------------------------------------- report
 def report_not_a_run(tmp: Path, fx: Fx) -> Case:
     (tmp / "folder").mkdir()
@@ -786,15 +913,19 @@ BUILDERS: list[Callable[[Path, Fx], Case]] = [
     tl_init_other_class_count, tl_init_hostile, tl_out_holds_run, tl_out_holds_unfinished_run, tl_resume_nothing, tl_resume_finished,
     tl_resume_hostile, tl_device_cuda, tl_bad_device_name, tl_unknown_source_prefix, tl_missing_data_path,
     tl_yaml_python_object, tl_yaml_python_name, tl_set_python_tag, tl_malformed_set,
+    tl_yaml_alias_bomb, tl_set_alias_bomb, tl_folder_symlink_loop, tl_folder_duplicate_file, tl_folder_empty_image,
+    tl_model_too_small_input,
     pc_topk_too_large, pc_negative_topk, pc_teacher_truncated, pc_teacher_other_arch, pc_checkpoint_other_arch,
     pc_teacher_hostile, pc_checkpoint_hostile, pc_class_count, pc_out_holds_other_store, pc_no_teacher,
+    pc_second_writer, pc_note_then_error, pc_raw_pickle_teacher,
     di_other_data, di_missing_shard, di_master_without_shards, di_incomplete_master, di_unknown_schema,
-    di_nan_logits, di_not_hdf5, di_teacher_as_targets, di_missing_store, di_outside_store_folder, di_negative_steps, di_unknown_mode,
-    di_resume_nothing, di_resume_hostile, di_class_count,
+    di_nan_logits, di_not_hdf5, di_teacher_as_targets, di_missing_store, di_outside_store_folder, di_negative_steps,
+    di_unknown_mode, di_resume_nothing, di_resume_hostile, di_class_count, di_class_names_order,
+    di_student_too_small_input,
     in_missing, in_missing_store, in_not_artifact, in_plain_state_dict, in_truncated, in_hostile,
     ex_targets_store, ex_truncated, ex_unknown_format, ex_hostile, ex_reduced_teacher,
     run_missing_pipeline, run_not_mapping, run_invalid_yaml, run_malformed_set, run_python_object, run_python_name,
-    run_missing_data, run_stage_data_not_mapping, run_compare_runs_not_a_list,
+    run_missing_data, run_stage_data_not_mapping, run_compare_runs_not_a_list, run_yaml_alias_bomb,
     report_not_a_run, report_missing_folder, report_corrupt_index, report_index_not_a_run_index,
     report_corrupt_result,
 ]
@@ -832,6 +963,67 @@ def test_the_matrix_covers_every_command():
 
 
 # ---------------------------------------------------------------------------------------------- hostile files
+def test_inspect_calls_a_store_with_the_data_s_classes_in_another_order_unsound(tiny_targets, tmp_path):
+    master = reordered_class_names(SimpleNamespace(targets=tiny_targets), tmp_path)
+    r = cli("inspect", master, check=False)
+    assert r.exit_code == 1 and "Traceback" not in r.stdout + r.stderr, (r.stdout, r.stderr)
+    assert "other class names than the data" in " ".join(r.stdout.split())
+    assert cli("inspect", tiny_targets).exit_code == 0  # the store as written is sound
+
+
+def test_two_precompute_runs_into_one_store_at_once(tiny_teacher, tmp_path):
+    """Started together: one writes the store; the other refuses in one line while the first holds the lock, or
+    finds the store finished. Nobody deletes the other's shards; the store is sound."""
+    from conftest import cli_subprocess
+
+    out = tmp_path / "store" / "targets.h5"
+    args = ["precompute", "--teacher", tiny_teacher, "--out", out, "--shards", "4", "--batch-size", "64", "--quiet"]
+    procs = [cli_subprocess(*args) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
+    for rc, stdout, stderr in results:
+        assert "Traceback" not in stdout + stderr and "leftover" not in stdout + stderr, stderr
+        assert rc == 0 or (rc == 2 and stderr.strip().splitlines() == [stderr.strip()]
+                           and "another precompute is writing" in stderr), (rc, stderr)
+    assert sorted(r[0] for r in results)[0] == 0
+    TargetStore.open(out, memory_budget_bytes=0).close()
+
+
+def test_resume_refuses_a_changed_file_list(tmp_path, monkeypatch):
+    """A run on a folder stopped inside an epoch; then an image is deleted: --resume refuses in one line."""
+    import signal
+
+    from reducedmpl.data.loading import Batcher
+
+    root = image_folder(tmp_path / "data", per_class=6)
+    args = ["train-large", "--data", f"folder:{root}", "--model", "test_resnet", "--epochs", "3", "--batch-size", "2",
+            "--quiet", "--set", "data.input_size=8", "--out", tmp_path / "out"]
+    original, calls = Batcher.batch, []
+
+    def ctrl_c_at_the_third_batch(self, epoch, b):
+        calls.append(b)
+        if self.train and len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)
+        return original(self, epoch, b)
+
+    monkeypatch.setattr(Batcher, "batch", ctrl_c_at_the_third_batch)
+    assert cli(*args, check=False).exit_code == 130
+    monkeypatch.undo()
+    assert (tmp_path / "out" / "last.pt").exists()
+    (root / "dog" / "2.png").unlink()
+    assert_one_line_error(cli(*args, "--resume", check=False), "the data changed since the run in",
+                          "restore the data as it was")
+    assert not (tmp_path / "out" / "teacher.pt").exists()
+
+
+def test_a_distill_refused_for_nan_leaves_no_run_to_resume(tiny_targets, tmp_path):
+    out = tmp_path / "out"
+    r = cli(*_distill(tiny_targets, out, "--set", "student_optim.lr=1.0e+30"), check=False)
+    assert_one_line_error(r, "the student's loss became", "lower the learning rate")
+    assert not any((out / n).exists() for n in ("last.pt", "config.yaml", "student.pt"))
+    cli(*_distill(tiny_targets, out))  # a plain rerun with a sane learning rate, no --resume or --overwrite
+    assert (out / "student.pt").exists()
+
+
 def test_inspect_refuses_a_store_reading_outside_its_folder(tiny_targets, tmp_path):
     """inspect reports the store as unsound (exit 1: its documented code for a broken artifact), never reads it."""
     master = outside_store(SimpleNamespace(targets=tiny_targets), tmp_path)
@@ -904,7 +1096,9 @@ def test_every_load_in_the_package_is_safe():
             if mod == "yaml" and attr in ("load", "load_all", "unsafe_load", "unsafe_load_all", "full_load",
                                           "full_load_all"):
                 problems.append(f"{line}: yaml.{attr} (use yaml.safe_load)")
-            if mod == "yaml" and attr == "safe_load":
+            if mod == "yaml" and attr in ("Loader", "UnsafeLoader", "FullLoader"):
+                problems.append(f"{line}: yaml.{attr} (use yaml.SafeLoader)")
+            if mod == "yaml" and attr in ("safe_load", "SafeLoader"):
                 seen["yaml.safe_load"] += 1
             if mod == "pickle" and attr in ("load", "loads"):
                 problems.append(f"{line}: pickle.{attr} (unpickle only with a restricted Unpickler)")

@@ -1,14 +1,20 @@
 """Batches of model inputs from a :class:`Source`, reproducible from (seed, epoch, batch).
 
 Array-backed sources (digits, mnist, cifar, npz) are held as one uint8 tensor and augmented a batch at a
-time, which is much faster on a CPU than per-image transforms. Image folders go through a DataLoader with
-timm's ``create_transform``. Either way the order of an epoch and the augmentation of every batch are a
-function of (seed, epoch, batch index) only, so a run resumed mid-epoch sees exactly the batches an
-uninterrupted run would.
+time, which is much faster on a CPU than per-image transforms. Image folders go through a
+``torch.utils.data.DataLoader`` with timm's ``create_transform``: ``data.num_workers`` worker processes that
+stay alive across epochs and prefetch, pinned memory when CUDA is there. Either way the order of an epoch is a
+function of (seed, epoch), and the augmentation of an array batch of (seed, epoch, batch index), of a folder
+image of (seed, epoch, row id); so the worker count never changes a batch, and a run resumed mid-epoch sees
+exactly the batches an uninterrupted run would.
 """
 from __future__ import annotations
 
 import random
+import threading
+import warnings
+import weakref
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
@@ -19,7 +25,7 @@ import torch.nn.functional as F
 from ..config import DataConfig, parse_randaugment
 from ..distributed import Dist, rank_slice
 from ..errors import DataError
-from .sources import Source
+from .sources import Source, read_pil_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -105,7 +111,9 @@ class Batcher:
         self.std = torch.tensor(prep.std).view(1, -1, 1, 1)
         self.randaugment = parse_randaugment(cfg.randaugment) if (train and cfg.randaugment) else None
         self._arrays = _ImageTensor(source, self.indices) if source.images is not None else None
-        self._folder = None if source.images is not None else _FolderData(source, self.indices, prep, cfg, train)
+        self._folder = None if source.images is not None else _FolderItems(source, self.indices, prep, cfg, train,
+                                                                          seed)
+        self._loader = None  # the folder DataLoader, made on first use when cfg.num_workers > 0
 
     def __len__(self) -> int:
         n = len(self.indices)
@@ -124,7 +132,7 @@ class Batcher:
             return (torch.zeros(0, self.prep.in_chans, size, size), torch.zeros(0, dtype=torch.int64),
                     torch.zeros(0, dtype=torch.int64))
         if self._folder is not None:
-            return self._folder.collate(pos, seed)
+            return self._folder.collate([self._folder[(int(p), epoch)] for p in pos])
         a = self._arrays
         x = a.images[pos]
         g = torch.Generator().manual_seed(seed)
@@ -164,9 +172,24 @@ class Batcher:
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
             return torch.stack([aug(img) for img in x])
 
+    @property
+    def prefetches(self) -> bool:
+        """Whether :meth:`epoch` makes its batches in worker processes ahead of use (image folders)."""
+        return self._folder is not None and self.cfg.num_workers > 0
+
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        for b in range(start, len(self)):
-            yield self.batch(epoch, b)
+        """Batches ``start..len-1`` of ``epoch``, the same as :meth:`batch` would make one by one."""
+        if not self.prefetches:
+            for b in range(start, len(self)):
+                yield self.batch(epoch, b)
+            return
+        with warnings.catch_warnings():  # torch's advice on more workers than cores: the user chose the count
+            warnings.filterwarnings("ignore", message="This DataLoader will create")
+            if self._loader is None:
+                self._loader = _folder_loader(self, self._folder, self.cfg.num_workers)
+            self._loader.batch_sampler.epoch, self._loader.batch_sampler.start = epoch, start
+            batches = iter(self._loader)
+        yield from batches
 
 
 class BatchStream:
@@ -174,11 +197,17 @@ class BatchStream:
 
     def __init__(self, batcher: Batcher):
         self.batcher, self.epoch, self.position = batcher, 0, 0
+        self._batches: Iterator | None = None  # the epoch being read, for a batcher that prefetches
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.position >= len(self.batcher):
-            self.epoch, self.position = self.epoch + 1, 0
-        out = self.batcher.batch(self.epoch, self.position)
+            self.epoch, self.position, self._batches = self.epoch + 1, 0, None
+        if self.batcher.prefetches:
+            if self._batches is None:
+                self._batches = self.batcher.epoch(self.epoch, start=self.position)
+            out = next(self._batches)
+        else:
+            out = self.batcher.batch(self.epoch, self.position)
         self.position += 1
         return out
 
@@ -186,16 +215,23 @@ class BatchStream:
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.epoch, self.position, self._batches = int(state["epoch"]), int(state["position"]), None
 
 
-class _FolderData:
-    """Per-image loading and timm transforms for image folders, seeded per image."""
+class _FolderItems(torch.utils.data.Dataset):
+    """Per-image loading and timm transforms for image folders, for a DataLoader (in worker processes or not).
 
-    def __init__(self, source: Source, indices: np.ndarray, prep: Preprocess, cfg: DataConfig, train: bool):
+    A key is ``(pos, epoch)``; the item's augmentation is seeded from (seed, epoch, row) only, so an image
+    gets the same augmentation in any worker, with any number of workers, and in a resumed epoch. timm's
+    transforms draw from the process-wide Python, NumPy and torch generators, so each item sets them from its
+    own seed and puts them back afterwards, under a lock (threads of one process never share a draw).
+    """
+
+    def __init__(self, source: Source, indices: np.ndarray, prep: Preprocess, cfg: DataConfig, train: bool,
+                 seed: int):
         from timm.data import create_transform
 
-        self.source, self.indices = source, indices
+        self.source, self.indices, self.seed, self.train = source, indices, seed, train
         aa = None
         if train and cfg.randaugment:
             m, n = parse_randaugment(cfg.randaugment)
@@ -203,34 +239,71 @@ class _FolderData:
         self.transform = create_transform(
             prep.input_size, is_training=train, mean=prep.mean, std=prep.std, auto_augment=aa,
             hflip=0.5 if cfg.hflip else 0.0, interpolation="bilinear")
-        self.in_chans = prep.in_chans
-        self.workers = cfg.num_workers
+        self.in_chans, self.input_size = prep.in_chans, prep.input_size
 
-    def item(self, pos: int, seed: int):
-        from PIL import Image
+    def __len__(self) -> int:
+        return len(self.indices)
 
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        pos, epoch = key
         row = int(self.indices[pos])
-        arr = self.source.load_image(row)
-        img = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
-        img = img.convert("RGB")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            state = random.getstate()
-            random.seed(seed)
-            try:
-                x = self.transform(img)
-            finally:
-                random.setstate(state)
+        img = read_pil_image(self.source.files[row], "RGB")  # straight to PIL: timm's transforms take it
+        if not self.train:  # evaluation transforms draw nothing
+            return self.transform(img), int(self.source.labels[row]), row
+        with _seeded_process_rngs(item_seed(self.seed, epoch, row)):
+            x = self.transform(img)
         return x, int(self.source.labels[row]), row
 
-    def collate(self, pos: np.ndarray, seed: int):
-        seeds = [_batch_seed(seed, 0, i) for i in range(len(pos))]
-        if self.workers > 0:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(self.workers) as ex:
-                items = list(ex.map(self.item, pos.tolist(), seeds))
-        else:
-            items = [self.item(p, s) for p, s in zip(pos.tolist(), seeds)]
+    def collate(self, items: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not items:  # a short last batch with fewer rows than ranks: this rank has none
+            return (torch.zeros(0, self.in_chans, self.input_size, self.input_size),
+                    torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
         x = _match_channels(torch.stack([i[0] for i in items]), self.in_chans)
-        return x, torch.tensor([i[1] for i in items]), torch.tensor([i[2] for i in items])
+        return (x.contiguous(), torch.tensor([i[1] for i in items], dtype=torch.int64),
+                torch.tensor([i[2] for i in items], dtype=torch.int64))
+
+
+def item_seed(seed: int, epoch: int, row: int) -> int:
+    """The seed of one image's augmentation in one epoch: a function of (seed, epoch, row id) only."""
+    return int(np.random.SeedSequence([seed, epoch, row, 0x1F0]).generate_state(1)[0])
+
+
+_RNG_LOCK = threading.Lock()
+
+
+@contextmanager
+def _seeded_process_rngs(seed: int):
+    """Python's, NumPy's and torch's (CPU) global generators seeded from ``seed``, restored on exit."""
+    with _RNG_LOCK:
+        py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.default_generator.manual_seed(seed)  # the CPU generator only: torch.manual_seed also queues CUDA's
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+            torch.set_rng_state(torch_state)
+
+
+class _EpochBatches(torch.utils.data.Sampler):
+    """The batch keys of one epoch from a start batch: lists of ``(pos, epoch)``; set before each pass."""
+
+    def __init__(self, batcher: "Batcher"):
+        # a weak reference: no cycle keeps a dropped Batcher's worker processes alive until the next collection
+        self.batcher, self.epoch, self.start = weakref.proxy(batcher), 0, 0
+
+    def __len__(self) -> int:
+        return max(0, len(self.batcher) - self.start)
+
+    def __iter__(self):
+        for b in range(self.start, len(self.batcher)):
+            yield [(int(p), self.epoch) for p in self.batcher._positions(self.epoch, b)]
+
+
+def _folder_loader(batcher: "Batcher", items: _FolderItems, workers: int) -> torch.utils.data.DataLoader:
+    """A DataLoader over ``items`` in ``workers`` processes that stay alive across epochs, prefetching."""
+    return torch.utils.data.DataLoader(
+        items, batch_sampler=_EpochBatches(batcher), num_workers=workers, collate_fn=items.collate,
+        pin_memory=torch.cuda.is_available(), persistent_workers=True, prefetch_factor=4)

@@ -18,7 +18,7 @@ import pickle
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
@@ -135,18 +135,23 @@ class Source:
         return h.hexdigest()
 
 
-def _read_image_file(path: str, in_chans: int) -> np.ndarray:
-    """Decode one image file with PIL into uint8 (H, W, C); any failure becomes a DataError."""
+def read_pil_image(path: str, mode: str = "RGB") -> Any:
+    """Decode one image file with PIL, converted to ``mode``; any failure becomes a DataError."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB" if in_chans == 3 else "L"), dtype=np.uint8)
+            return im.convert(mode)  # convert() decodes: a broken file fails here, inside the try
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         raise DataError(
             f"cannot read image file {path}: {type(exc).__name__}: {exc}",
             "replace or delete the corrupt file",
         ) from None
+
+
+def _read_image_file(path: str, in_chans: int) -> np.ndarray:
+    """Decode one image file with PIL into uint8 (H, W, C); any failure becomes a DataError."""
+    arr = np.asarray(read_pil_image(path, "RGB" if in_chans == 3 else "L"), dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return arr
@@ -602,13 +607,59 @@ def _visible_subdirs(path: str) -> list[str]:
     )
 
 
-def _image_files(class_dir: str) -> Iterator[str]:
-    """Image files under ``class_dir`` (recursively), skipping hidden files and folders."""
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                yield os.path.join(dirpath, name)
+class _FolderListing:
+    """Lists the image files of a folder source once each: real paths, no loops, no duplicates, none empty.
+
+    Symbolic links are followed, but a folder reached a second time (a link loop such as ``cat/up -> ..``, or the
+    same folder linked under two classes) and a file reached a second time (a link or a hard link to a listed
+    file) are refused: they would give one image two rows, or two labels, and put it in two splits. A 0-byte file
+    is refused here, before a run starts, rather than when an epoch first reads it.
+    """
+
+    def __init__(self, root: str):
+        self.root = root
+        self.dirs: dict[str, str] = {os.path.realpath(root): root}  # real path -> path it was first reached by
+        self.files: dict[tuple[int, int], str] = {}  # (device, inode) -> path it was first reached by
+
+    def _enter(self, path: str) -> None:
+        real = os.path.realpath(path)
+        first = self.dirs.get(real)
+        if first is not None:
+            loop = path.startswith(first.rstrip(os.sep) + os.sep)  # reached again from inside itself
+            what = "a symbolic link loop" if loop else "a folder linked twice"
+            raise DataError(f"folder source {self.root}: {path} is {first} again ({what})",
+                            "remove the symbolic link, so that every folder is reached once")
+        self.dirs[real] = path
+
+    def _add_file(self, path: str) -> None:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise DataError(f"cannot read image file {path}: {exc.strerror or exc}",
+                            "fix or remove the file (a broken symbolic link?)") from None
+        first = self.files.get((st.st_dev, st.st_ino))
+        if first is not None:
+            raise DataError(f"folder source {self.root}: {path} is the same file as {first} (a link or a "
+                            "duplicate)", "remove one of them, so that every image is listed once")
+        if st.st_size == 0:
+            raise DataError(f"image file {path} is empty (0 bytes)", "replace or delete the broken file")
+        self.files[(st.st_dev, st.st_ino)] = path
+
+    def class_files(self, class_dir: str) -> list[str]:
+        """Image files under ``class_dir`` (recursively, sorted), skipping hidden files and folders."""
+        self._enter(class_dir)
+        found = []
+        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for d in dirnames:
+                self._enter(os.path.join(dirpath, d))
+            for name in filenames:
+                if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                    found.append(os.path.join(dirpath, name))
+        found.sort()
+        for path in found:
+            self._add_file(path)
+        return found
 
 
 def _folder_layout(root: str) -> list[tuple[str, bool]]:
@@ -644,9 +695,13 @@ def _load_folder(spec: str, path: str) -> Source:
     labels: list[int] = []
     official: list[bool] = []
     counts = dict.fromkeys(class_names, 0)
+    listing = _FolderListing(path)
+    for split_dir, _ in layout:
+        if split_dir != path:
+            listing._enter(split_dir)
     for split_dir, is_test in layout:
         for name in _visible_subdirs(split_dir):
-            found = sorted(_image_files(os.path.join(split_dir, name)))
+            found = listing.class_files(os.path.join(split_dir, name))
             files += found
             labels += [class_index[name]] * len(found)
             official += [is_test] * len(found)

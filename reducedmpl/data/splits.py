@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import DataConfig
-from ..errors import DataError
+from ..errors import DataError, UserError
 from .sources import Source
 
 SPLITS = ("labeled", "unlabeled", "val", "test")
@@ -81,3 +81,15 @@ def fingerprint(source: Source, split: str, indices: np.ndarray) -> str:
     h = hashlib.sha256(split.encode())
     h.update(source.content_digest(indices).encode())
     return h.hexdigest()[:16]
+
+
+def check_same_data(state: dict | None, fingerprints: dict[str, str], out) -> None:
+    """Refuse to resume the run in ``out`` (its ``last.pt`` ``state``) on data whose splits changed since it began
+    (for an image folder: a file added, removed, renamed or rewritten with another size)."""
+    saved = (state or {}).get("data_fingerprints")
+    if not isinstance(saved, dict):
+        return  # not resuming, or a checkpoint from before fingerprints were kept
+    changed = sorted(k for k in set(saved) | set(fingerprints) if saved.get(k) != fingerprints.get(k))
+    if changed:
+        raise UserError(f"the data changed since the run in {out} began (split {', '.join(changed)} differs)",
+                        "restore the data as it was, or pass --overwrite to start again")

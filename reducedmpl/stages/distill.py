@@ -31,11 +31,13 @@ from ..engine.device import grad_scaler, prepare_model, wrap_ddp
 from ..engine.evaluation import EVAL_BATCH_SIZE, evaluate
 from ..engine.optim import create_optimizer, create_scheduler
 from ..engine.rng import rank_rng_states, restore_rank_rng, seed_everything
+from ..engine.runs import drop_run
 from ..errors import ArtifactError, ConfigError, UserError
 from ..methods import (LABELED, LABELED_TARGETS, UNLABELED, UNLABELED_TARGETS, Batch, FinetuneStep, LargeTeacher, Step,
                        StepOutput, Student, Teacher, build_step)
-from ..models import build_artifact, check_model_name, create_model, load_artifact, model_from_artifact, weights_of
-from ..targets import TargetStore
+from ..models import (build_artifact, check_model_fits, check_model_name, create_model, load_artifact,
+                      model_from_artifact, weights_of)
+from ..targets import TargetStore, check_class_names
 
 ARTIFACT = "student.pt"
 PROBE_POINTS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -272,6 +274,7 @@ def check_store(store: TargetStore, data: DataSetup, needed: dict[str, np.ndarra
     if store.meta.num_classes != data.source.num_classes:
         raise ArtifactError(f"targets store {store.path} has {store.meta.num_classes} classes, the data "
                             f"{data.source.num_classes}", "precompute targets with a teacher for this data")
+    check_class_names(store.meta.class_names, data.source.class_names, store.path)
     for name, ids in needed.items():
         if name not in fps and len(ids):
             raise ArtifactError(f"targets store {store.path} has no rows for split {name!r}",
@@ -297,6 +300,8 @@ def run(cfg: DistillConfig, targets: str | Path, out: str | Path, *, resume: boo
         if cfg.mode != "supervised":
             needed["unlabeled"] = data.splits.indices["unlabeled"]
         check_store(store, data, needed)
+        check_model_fits(cfg.student, data.source.num_classes, data.prep.in_chans, data.prep.input_size,
+                         "distill.student")
         return train(cfg, data, store, device, dist, Path(out), resume=resume, overwrite=overwrite,
                      console=console, quiet=quiet)
     finally:
@@ -330,6 +335,8 @@ def train(cfg: DistillConfig, data: DataSetup, store: TargetStore, device: torch
             o = d.step(measure)
             step = d.step_count
             if not math.isfinite(o.student_loss):
+                if job.main:  # a --resume would only reach this step again: a plain rerun may start afresh
+                    drop_run(job.out, ARTIFACT)
                 raise UserError(f"the student's loss became {o.student_loss} at step {step}",
                                 "lower the learning rate (distill.student_optim.lr) or enable clip_grad")
             probes.snapshot(d)

@@ -31,11 +31,11 @@ from ..data.sources import Source, load_source
 from ..data.splits import Splits, make_splits
 from ..engine.device import prepare_model, resolve_device
 from ..engine.evaluation import predict_logits
-from ..engine.progress import progress, rank_output
-from ..errors import ArtifactError, ConfigError, DataError, UserError
+from ..engine.progress import HeldConsole, progress, rank_output
+from ..errors import ArtifactError, ConfigError, DataError
 from ..models import (ARTIFACT_KEYS, check_model_name, create_model, load_artifact, load_state_dict_file,
                       check_artifact_data, load_weights, model_from_artifact)
-from ..targets import (MASTER_NAME, SPLIT_NAMES, ShardWriter, StoreMeta, derive_run_key, file_sha256, plan_shards,
+from ..targets import (MASTER_NAME, SPLIT_NAMES, ShardWriter, StoreLock, StoreMeta, derive_run_key, file_sha256, plan_shards,
                        prepare_store, shard_is_complete, shard_paths, stored_predictions, write_master)
 
 # The data settings that decide which rows go into which split (the rest only change augmentation/loading).
@@ -271,7 +271,8 @@ def compute_shard(model: nn.Module, batcher: Batcher | None, rows: Rows, start: 
     amp = cfg.amp and device.type == "cuda"
     pos = start
     write_pool, batch_pool = pools
-    batches = _prefetched(batcher, batch_pool) if device.type == "cuda" else batcher.epoch(0)
+    batches = _prefetched(batcher, batch_pool) if device.type == "cuda" and not batcher.prefetches \
+        else batcher.epoch(0)
     with _BackgroundWriter(writer, write_pool, writer.meta.num_classes) as out:
         for logits, _, ids in predict_logits(model, _dispatching(batches, out), device, amp, cfg.channels_last):
             n = len(ids)
@@ -372,24 +373,41 @@ def run(cfg: PrecomputeConfig, teacher: Teacher, out: str | Path | None = None, 
     device = resolve_device(cfg.device)
     dist = distributed.setup(device)
     console, quiet = rank_output(dist, console, quiet)
+    console = HeldConsole(console)  # notes wait until the checks pass: a refusal prints one line
     model, data, prep, rows, meta = _prepare(cfg, teacher, console)
 
     paths = shard_paths(out, cfg.shards)
-    ranges = plan_shards(len(rows), cfg.shards)
     result = {"path": str(out), "rows": len(rows), "rows_per_split": rows.sizes, "run_key": meta.run_key,
               "shards": cfg.shards}
-    if dist.on_main(lambda: prepare_store(out, meta, paths, overwrite, console.print)):
-        return {**result, "up_to_date": True, "seconds": time.perf_counter() - t0, "bytes": _bytes(out, paths)}
+    lock = StoreLock(out) if dist.is_main else None  # one writer of `out` until this returns
+    try:
+        if dist.on_main(lambda: prepare_store(out, meta, paths, overwrite, console.print)):
+            console.release()
+            return {**result, "up_to_date": True, "seconds": time.perf_counter() - t0, "bytes": _bytes(out, paths)}
+        console.release()
+        todo = [i for i, p in enumerate(paths) if not shard_is_complete(p, meta)]
+        if len(todo) < len(paths):
+            console.print(f"resuming: {len(paths) - len(todo)} of {len(paths)} shards are already complete")
+        if 0 < len(todo) < dist.world_size:
+            console.print(f"note: {len(todo)} shard(s) to compute for {dist.world_size} processes, so some "
+                          f"processes wait; pass --shards {dist.world_size} (precompute.shards; or a multiple) to "
+                          f"use them all")
+        pred = _compute(cfg, model, data, prep, rows, meta, out, paths, todo, device, dist, quiet)
+    finally:
+        if lock is not None:
+            lock.release()
+    return {**result, "up_to_date": False, "computed_shards": len(todo), "accuracy": split_accuracy(pred, rows),
+            "seconds": time.perf_counter() - t0, "bytes": _bytes(out, paths)}
 
-    todo = [i for i, p in enumerate(paths) if not shard_is_complete(p, meta)]
-    if len(todo) < len(paths):
-        console.print(f"resuming: {len(paths) - len(todo)} of {len(paths)} shards are already complete")
-    if 0 < len(todo) < dist.world_size:
-        console.print(f"note: {len(todo)} shard(s) to compute for {dist.world_size} processes, so some processes "
-                      f"wait; pass --shards {dist.world_size} (precompute.shards; or a multiple) to use them all")
+
+def _compute(cfg: PrecomputeConfig, model: nn.Module, data: TeacherData, prep: Preprocess, rows: Rows,
+             meta: StoreMeta, out: Path, paths: list[Path], todo: list[int], device: torch.device,
+             dist: distributed.Dist, quiet: bool) -> np.ndarray:
+    """This rank's share of the shards still to do, then (rank 0) the master; the teacher's top-1 class per row."""
+    ranges = plan_shards(len(rows), len(paths))
     mine = todo[dist.rank::dist.world_size]  # the shards still to do, dealt out round the ranks
     model = prepare_model(model, device, cfg.channels_last)
-    pred = np.zeros(len(rows), np.int64)  # the teacher's top-1 class per row, for the summary
+    pred = np.zeros(len(rows), np.int64)
     todo_rows = sum(ranges[i][1] - ranges[i][0] for i in mine)
     with progress(disable=quiet) as bar, ThreadPoolExecutor(1) as write_pool, ThreadPoolExecutor(1) as batch_pool:
         task = bar.add_task("teacher logits", total=todo_rows, info="")
@@ -407,8 +425,7 @@ def run(cfg: PrecomputeConfig, teacher: Teacher, out: str | Path | None = None, 
                 pred[slice(*ranges[i])] = stored_predictions(path, meta)
         write_master(out, paths, meta)
     dist.barrier()  # the master is written before any rank goes on to use it
-    return {**result, "up_to_date": False, "computed_shards": len(todo), "accuracy": split_accuracy(pred, rows),
-            "seconds": time.perf_counter() - t0, "bytes": _bytes(out, paths)}
+    return pred
 
 
 def _bytes(out: Path, paths: list[Path]) -> int:

@@ -26,7 +26,8 @@ from ..engine.interrupt import StopRequest
 from ..engine.optim import create_optimizer, create_scheduler
 from ..engine.progress import Throughput
 from ..engine.rng import rank_rng_states, restore_rank_rng, seed_everything
-from ..models import build_artifact, check_model_name, create_model, load_weights, weights_of
+from ..data.splits import check_same_data
+from ..models import build_artifact, check_model_fits, check_model_name, create_model, load_weights, weights_of
 
 ARTIFACT = "teacher.pt"
 
@@ -140,7 +141,8 @@ class Trainer:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema is not None else None, "epoch": epoch_done,
-                "step": self.step, "rng": rng, "partial": part}
+                "step": self.step, "rng": rng, "partial": part,
+                "data_fingerprints": dict(self.data.splits.fingerprints)}
 
     def load_state_dict(self, state: dict) -> tuple[int, EpochState | None]:
         """Restore a checkpoint; returns the epoch to start and where inside it (None: at its start)."""
@@ -162,8 +164,11 @@ def run(cfg: TrainLargeConfig, out: str | Path, *, resume: bool = False, overwri
     device, dist, console, quiet = stage.setup(cfg.device, console, quiet,
                                                {"train_large.batch_size": cfg.batch_size})
     data = setup_data(cfg.data)
+    check_model_fits(cfg.model, data.source.num_classes, data.prep.in_chans, data.prep.input_size,
+                     "train_large.model", drop_rate=cfg.drop_rate)
     config_dict = to_dict(cfg)
     job = stage.StageRun(out, ARTIFACT, config_dict, dist, console, resume=resume, overwrite=overwrite)
+    check_same_data(job.state, data.splits.fingerprints, job.out)
     t = Trainer(cfg, data, device, dist)
     start_epoch, resume_at = 0, None
     if job.state is not None:

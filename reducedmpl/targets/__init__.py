@@ -42,14 +42,16 @@ instead of whole into the cache. Measured on a 2-core machine with a page-cached
 float16 table, reading random 256-row batches ran at ~90k-130k rows/s this way, versus ~15k-20k
 rows/s with the default cache and ~7k rows/s with one union-of-hyperslabs read per batch.
 """
-from .folder import prepare_store, read_run_key, store_files, stored_predictions
+from .folder import StoreLock, prepare_store, read_run_key, store_files, stored_predictions
 from .meta import (DENSE_FIELDS, LOGIT_DTYPES, MASTER_NAME, ROW_FIELDS, SCHEMA_VERSION, SPLIT_NAMES,
-                   SUPPORTED_SCHEMA_VERSIONS, TOPK_FIELDS, StoreMeta, derive_run_key, file_sha256)
+                   SUPPORTED_SCHEMA_VERSIONS, TOPK_FIELDS, StoreMeta, check_class_names, class_names_problem,
+                   derive_run_key, file_sha256)
 from .reader import TargetStore
 from .verify import verify_store
 from .writer import ShardWriter, plan_shards, shard_is_complete, shard_paths, write_master
 
 __all__ = ["DENSE_FIELDS", "LOGIT_DTYPES", "MASTER_NAME", "ROW_FIELDS", "SCHEMA_VERSION", "SPLIT_NAMES",
-           "SUPPORTED_SCHEMA_VERSIONS", "TOPK_FIELDS", "ShardWriter", "StoreMeta", "TargetStore", "derive_run_key",
+           "SUPPORTED_SCHEMA_VERSIONS", "TOPK_FIELDS", "ShardWriter", "StoreLock", "check_class_names",
+           "class_names_problem", "StoreMeta", "TargetStore", "derive_run_key",
            "file_sha256", "plan_shards", "prepare_store", "read_run_key", "shard_is_complete", "shard_paths",
            "store_files", "stored_predictions", "verify_store", "write_master"]

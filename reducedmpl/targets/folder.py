@@ -1,6 +1,7 @@
 """A store's folder: its files, leftovers of an interrupted or other run, and what a finished run left."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -94,3 +95,47 @@ def stored_predictions(path: Path, meta: StoreMeta) -> np.ndarray:
         if not f["id"].shape[0]:
             return np.zeros(0, np.int64)
         return f["topk_index"][:, 0].astype(np.int64) if meta.topk else f["logits"][...].argmax(axis=1)
+
+
+class StoreLock:
+    """An exclusive lock on writing the store at ``master``, held from when it is taken until :meth:`release` (or
+    until the object is dropped: the lock goes with its open file, also when the process dies).
+
+    The lock is ``fcntl.flock`` on the store's folder itself, so nothing is added to the folder (no lock file to
+    leave behind or to race on when it is removed); two stores written into one folder at once also exclude each
+    other. A second writer is refused at once.
+    """
+
+    def __init__(self, master: str | os.PathLike[str]):
+        master = Path(master)
+        self.path = master.parent
+        try:
+            master.parent.mkdir(parents=True, exist_ok=True)
+            self._fd: int | None = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise UserError(f"cannot create the folder of {master} ({e.strerror or e})",
+                            "choose a writable --out") from None
+        try:
+            import fcntl
+        except ImportError:  # no flock on this system: one writer at a time is up to the user
+            return
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.release()
+            raise UserError(f"another precompute is writing {master} right now (it holds a lock on {self.path})",
+                            "wait for it to finish, or choose another --out") from None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the file drops the lock
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.release()
+
+    def __enter__(self) -> "StoreLock":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()

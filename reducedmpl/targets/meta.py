@@ -6,12 +6,12 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import h5py
 import numpy as np
 
-
+from ..errors import ArtifactError
 
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = (1,)
@@ -144,3 +144,25 @@ def set_attrs(obj: h5py.HLObject, attrs: Mapping[str, Any]) -> None:
         if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
             value = np.array(list(value), dtype=h5py.string_dtype())
         obj.attrs[key] = value
+
+
+def class_names_problem(store_names: Sequence[str], data_names: Sequence[str], what: str) -> str | None:
+    """None when a store's class names are the data's, in the same order; else what differs (short)."""
+    store_names, data_names = [str(n) for n in store_names], [str(n) for n in data_names]
+    if store_names == data_names:
+        return None
+    if sorted(store_names) == sorted(data_names):
+        diff = "the same names in another order"
+    else:
+        only = [n for n in store_names if n not in set(data_names)][:3]
+        diff = f"{len(store_names)} vs {len(data_names)} classes" + (f"; {', '.join(map(repr, only))} not in the data"
+                                                                      if only else "")
+    return f"{what} has other class names than the data ({diff})"
+
+
+def check_class_names(store_names: Sequence[str], data_names: Sequence[str], path: str | os.PathLike[str]) -> None:
+    """Refuse a targets store whose class names (or their order) are not the data's: its logit k would be
+    taken for the data's class k."""
+    problem = class_names_problem(store_names, data_names, f"targets store {path}")
+    if problem:
+        raise ArtifactError(problem, "precompute targets with a teacher trained on this data's classes")
