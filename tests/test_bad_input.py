@@ -1107,9 +1107,9 @@ def test_every_load_in_the_package_is_safe():
     assert not problems, "\n".join(problems)
     assert seen["torch.load"] >= 2 and seen["yaml.safe_load"] >= 2, seen
     # the one pickle reader (CIFAR batches) imports nothing but numpy's array rebuilders
-    from reducedmpl.data import sources
+    from reducedmpl.data import cifar
 
-    assert set(sources._PICKLE_ALLOWED) <= {("numpy.core.multiarray", "_reconstruct"),
+    assert set(cifar._PICKLE_ALLOWED) <= {("numpy.core.multiarray", "_reconstruct"),
                                             ("numpy._core.multiarray", "_reconstruct"),
                                             ("numpy", "ndarray"), ("numpy", "dtype")}
 

@@ -9,14 +9,9 @@ the sorted file list and decode an image when :meth:`Source.load_image` is calle
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
-import math
 import os
-import pickle
 import struct
-import zlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -39,7 +34,7 @@ _DIGEST_TAG = b"reducedmpl-source-digest-v1"
 _DIGEST_CHUNK = 4096  # rows hashed per update for array sources (fixed: part of the digest definition)
 
 
-def _spec_help(kind: str | None = None) -> str:
+def spec_help(kind: str | None = None) -> str:
     """How to write a data source: every form, or only ``kind``'s."""
     forms = [f for f in SPEC_FORMS if kind is None or f.split(":")[0].split(" ")[0] == kind]
     return ("check the path; expected " if kind else "use one of: ") + "; ".join(forms or SPEC_FORMS)
@@ -165,38 +160,41 @@ def _read_image_file(path: str, in_chans: int) -> np.ndarray:
 def load_source(spec: str) -> Source:
     """Parse ``spec`` (e.g. ``"mnist:/data/mnist"``) and load that data source."""
     if not isinstance(spec, str) or not spec.strip():
-        raise DataError(f"empty data source spec {spec!r}", _spec_help())
+        raise DataError(f"empty data source spec {spec!r}", spec_help())
     text = spec.strip()
     kind, sep, arg = text.partition(":")
     kind = kind.strip().lower()
     arg = arg.strip()
     if kind not in KINDS:
-        raise DataError(f"unknown data source {spec!r}", _spec_help())
+        raise DataError(f"unknown data source {spec!r}", spec_help())
     if kind == "digits":
         if arg:
-            raise DataError(f"data source {spec!r}: 'digits' takes no path", _spec_help())
+            raise DataError(f"data source {spec!r}: 'digits' takes no path", spec_help())
         return _load_digits(spec)
     if not arg:
-        raise DataError(f"data source {spec!r} is missing its path (expected '{kind}:PATH')", _spec_help())
+        raise DataError(f"data source {spec!r} is missing its path (expected '{kind}:PATH')", spec_help())
     path = os.path.abspath(os.path.expanduser(arg))
     if kind == "npz":
         if not os.path.isfile(path):
             what = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
-            raise DataError(f"data source {spec!r}: {path} {what}", _spec_help(kind))
+            raise DataError(f"data source {spec!r}: {path} {what}", spec_help(kind))
     elif not os.path.isdir(path):
         what = "is a file, not a directory" if os.path.exists(path) else "does not exist"
-        raise DataError(f"data source {spec!r}: {path} {what}", _spec_help(kind))
+        raise DataError(f"data source {spec!r}: {path} {what}", spec_help(kind))
+    from .cifar import load_cifar10, load_cifar100
+    from .mnist import load_mnist
+
     loaders: dict[str, Callable[[str, str], Source]] = {
-        "mnist": _load_mnist,
-        "cifar10": _load_cifar10,
-        "cifar100": _load_cifar100,
+        "mnist": load_mnist,
+        "cifar10": load_cifar10,
+        "cifar100": load_cifar100,
         "folder": _load_folder,
         "npz": _load_npz,
     }
     return loaders[kind](spec, path)
 
 
-def _finish(source: Source) -> Source:
+def finish(source: Source) -> Source:
     """Check invariants shared by all sources: non-empty, int64 labels in range."""
     n = len(source)
     where = source.spec
@@ -231,7 +229,7 @@ def _load_digits(spec: str) -> Source:
     bunch = load_digits()
     images = np.rint(np.asarray(bunch.images, dtype=np.float64) * (255.0 / 16.0)).astype(np.uint8)
     labels = np.asarray(bunch.target, dtype=np.int64)
-    return _finish(
+    return finish(
         Source(
             spec=spec,
             kind="digits",
@@ -242,349 +240,6 @@ def _load_digits(spec: str) -> Source:
             image_size=(8, 8),
         )
     )
-
-
-# --------------------------------------------------------------------------------------------------
-# MNIST (IDX files)
-# --------------------------------------------------------------------------------------------------
-
-_IDX_IMAGES_MAGIC = 0x00000803
-_IDX_LABELS_MAGIC = 0x00000801
-
-
-def _mnist_names(split: str, what: str) -> list[str]:
-    """Candidate file names for one IDX file, raw before gzip: e.g. t10k-images-idx3-ubyte[.gz]."""
-    idx = "idx3" if what == "images" else "idx1"
-    bases = [f"{split}-{what}-{idx}-ubyte", f"{split}-{what}.{idx}-ubyte"]
-    return bases + [b + ".gz" for b in bases]
-
-
-def _find_first(folder: str, names: list[str]) -> str | None:
-    for name in names:
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            return path
-    return None
-
-
-def _has_mnist_files(folder: str) -> bool:
-    return any(
-        _find_first(folder, _mnist_names(split, what)) is not None
-        for split in ("train", "t10k")
-        for what in ("images", "labels")
-    )
-
-
-def _mnist_folder(path: str) -> str:
-    """The folder holding the IDX files: DIR itself, DIR/raw or DIR/*/raw (torchvision's layout)."""
-    if _has_mnist_files(path):
-        return path
-    candidates = [os.path.join(path, "raw")]
-    try:
-        candidates += [os.path.join(e.path, "raw") for e in sorted(os.scandir(path), key=lambda e: e.name)]
-    except OSError:
-        pass
-    found = [c for c in candidates if os.path.isdir(c) and _has_mnist_files(c)]
-    if len(found) == 1:
-        return found[0]
-    if len(found) > 1:
-        raise DataError(
-            f"{path} holds several MNIST-style data sets: {', '.join(found)}",
-            "point the spec at one of those folders",
-        )
-    expected = ", ".join(_mnist_names("train", "images")[:1] + _mnist_names("train", "labels")[:1])
-    raise DataError(
-        f"no MNIST IDX files in {path}",
-        f"the folder must hold {expected} and/or t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte "
-        "(each optionally .gz), as in the canonical download",
-    )
-
-
-def _read_maybe_gzip(path: str) -> bytes:
-    """Read a file, gunzipping it when it starts with the gzip magic bytes."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror or exc}", "check the file and its permissions") from None
-    if raw[:2] != b"\x1f\x8b":
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (EOFError, OSError, zlib.error) as exc:
-        raise DataError(
-            f"{path} is a truncated or corrupt gzip file ({exc})", "download the file again"
-        ) from None
-
-
-def _parse_idx(path: str, magic: int) -> np.ndarray:
-    """Parse an IDX file of unsigned bytes whose header must carry ``magic``; check its length."""
-    data = _read_maybe_gzip(path)
-    ndim = magic & 0xFF
-    header = 4 + 4 * ndim
-    kind = "images" if magic == _IDX_IMAGES_MAGIC else "labels"
-    (found,) = struct.unpack(">I", data[:4]) if len(data) >= 4 else (magic,)
-    if found != magic:
-        raise DataError(
-            f"{path} is not an IDX {kind} file (magic number 0x{found:08X}, expected 0x{magic:08X})",
-            "check that the file is the MNIST-format "
-            + ("images (idx3)" if kind == "images" else "labels (idx1)")
-            + " file it is named after",
-        )
-    if len(data) < header:
-        raise DataError(
-            f"{path} is truncated: {len(data)} bytes, shorter than the {header}-byte IDX header",
-            "download the file again",
-        )
-    dims = struct.unpack(f">{ndim}I", data[4:header])
-    expected = header + math.prod(dims)
-    if len(data) != expected:
-        state = "truncated" if len(data) < expected else "longer than its header says"
-        raise DataError(
-            f"{path} is {state}: {len(data)} bytes, expected {expected} for shape {tuple(dims)}",
-            "download the file again",
-        )
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
-
-
-def _load_mnist_pair(folder: str, split: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """Images (N, H, W) and labels (N,) of one split, or None when neither file is present."""
-    img_path = _find_first(folder, _mnist_names(split, "images"))
-    lbl_path = _find_first(folder, _mnist_names(split, "labels"))
-    if img_path is None and lbl_path is None:
-        return None
-    if img_path is None or lbl_path is None:
-        have, missing_what = (lbl_path, "images") if img_path is None else (img_path, "labels")
-        raise DataError(
-            f"{have} has no matching {missing_what} file in {folder}",
-            f"add {_mnist_names(split, missing_what)[0]} (or its .gz) next to it",
-        )
-    images = _parse_idx(img_path, _IDX_IMAGES_MAGIC)
-    labels = _parse_idx(lbl_path, _IDX_LABELS_MAGIC)
-    if images.shape[0] != labels.shape[0]:
-        raise DataError(
-            f"{img_path} holds {images.shape[0]} images but {lbl_path} holds {labels.shape[0]} labels",
-            "use an images file and labels file from the same download",
-        )
-    return images, labels
-
-
-def _load_mnist(spec: str, path: str) -> Source:
-    """MNIST / Fashion-MNIST / KMNIST IDX files: train rows first, then t10k rows."""
-    folder = _mnist_folder(path)
-    parts: list[tuple[np.ndarray, np.ndarray, bool]] = []
-    for split, is_test in (("train", False), ("t10k", True)):
-        pair = _load_mnist_pair(folder, split)
-        if pair is not None:
-            parts.append((pair[0], pair[1], is_test))
-    shapes = {p[0].shape[1:] for p in parts}
-    if len(shapes) > 1:
-        raise DataError(
-            f"the train and t10k images in {folder} have different sizes {sorted(shapes)}",
-            "use files from the same data set",
-        )
-    images = np.concatenate([p[0] for p in parts])
-    labels = np.concatenate([p[1] for p in parts]).astype(np.int64)
-    official_test = np.concatenate([np.full(p[0].shape[0], p[2], dtype=bool) for p in parts])
-    h, w = images.shape[1:]
-    return _finish(
-        Source(
-            spec=spec,
-            kind="mnist",
-            class_names=[str(d) for d in range(10)],
-            labels=labels,
-            in_chans=1,
-            images=images[:, :, :, None],
-            image_size=(int(h), int(w)),
-            official_test=official_test,
-        )
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# CIFAR (python-version pickle batches)
-# --------------------------------------------------------------------------------------------------
-
-
-def _numpy_reconstruct() -> Any:
-    try:
-        from numpy._core.multiarray import _reconstruct  # numpy >= 2
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
-    return _reconstruct
-
-
-_PICKLE_ALLOWED: dict[tuple[str, str], Callable[[], Any]] = {
-    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
-    ("numpy", "ndarray"): lambda: np.ndarray,
-    ("numpy", "dtype"): lambda: np.dtype,
-}
-
-
-class _ArrayOnlyUnpickler(pickle.Unpickler):
-    """Unpickler that can rebuild numpy arrays and plain containers, and imports nothing else."""
-
-    def __init__(self, file: io.BufferedIOBase, path: str):
-        super().__init__(file, encoding="bytes")
-        self._path = path
-
-    def find_class(self, module: str, name: str) -> Any:
-        factory = _PICKLE_ALLOWED.get((module, name))
-        if factory is None:
-            raise DataError(
-                f"refusing to load {self._path}: it asks to import {module}.{name}, which a CIFAR "
-                "batch never needs (the file may be malicious)",
-                "use the original files from the CIFAR download",
-            )
-        return factory()
-
-
-def _safe_unpickle(path: str) -> Any:
-    """Unpickle a CIFAR batch with :class:`_ArrayOnlyUnpickler`; any failure is a DataError."""
-    try:
-        with open(path, "rb") as f:
-            return _ArrayOnlyUnpickler(f, path).load()
-    except DataError:
-        raise
-    except OSError as exc:
-        raise DataError(f"cannot read {path}: {exc.strerror or exc}", "check the file and its permissions") from None
-    except (EOFError, pickle.UnpicklingError) as exc:
-        raise DataError(
-            f"{path} is truncated or not a pickle file ({type(exc).__name__}: {exc})",
-            "download and extract the CIFAR archive again",
-        ) from None
-    except Exception as exc:  # malformed content: bad array state, memory, recursion, ...
-        raise DataError(
-            f"{path} is malformed ({type(exc).__name__}: {exc})",
-            "download and extract the CIFAR archive again",
-        ) from None
-
-
-def _str_keys(obj: Any, path: str) -> dict[str, Any]:
-    """A batch dict with bytes keys (Python 2 pickles) turned into str keys."""
-    if not isinstance(obj, dict):
-        raise DataError(
-            f"{path} holds a {type(obj).__name__}, not the dict of a CIFAR batch",
-            "download and extract the CIFAR archive again",
-        )
-    out: dict[str, Any] = {}
-    for key, value in obj.items():
-        if isinstance(key, bytes):
-            key = key.decode("latin-1")
-        out[str(key)] = value
-    return out
-
-
-def _get(batch: dict[str, Any], key: str, path: str) -> Any:
-    if key not in batch:
-        raise DataError(
-            f"{path} has no '{key}' entry (found: {', '.join(sorted(batch)) or 'nothing'})",
-            "download and extract the CIFAR archive again",
-        )
-    return batch[key]
-
-
-def _names(value: Any, key: str, path: str) -> list[str]:
-    if not isinstance(value, (list, tuple)) or not value:
-        raise DataError(f"{path}: '{key}' is not a non-empty list of names", "download the archive again")
-    names = []
-    for v in value:
-        if isinstance(v, bytes):
-            v = v.decode("utf-8", errors="replace")
-        if not isinstance(v, str):
-            raise DataError(f"{path}: '{key}' holds a {type(v).__name__}, not a name", "download the archive again")
-        names.append(v)
-    return names
-
-
-def _cifar_batch(path: str, label_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, 32, 32, 3) and labels (N,) of one batch file."""
-    batch = _str_keys(_safe_unpickle(path), path)
-    data = _get(batch, "data", path)
-    raw_labels = _get(batch, label_key, path)
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        desc = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
-        raise DataError(
-            f"{path}: 'data' is {desc}, expected a uint8 array of shape (N, 3072)",
-            "download and extract the CIFAR archive again",
-        )
-    try:
-        labels = np.asarray(raw_labels)
-        ok = labels.ndim == 1 and (labels.size == 0 or np.issubdtype(labels.dtype, np.integer))
-    except Exception:
-        ok = False
-    if not ok:
-        raise DataError(f"{path}: '{label_key}' is not a list of integer labels", "download the archive again")
-    if labels.shape[0] != data.shape[0]:
-        raise DataError(
-            f"{path} holds {data.shape[0]} images but {labels.shape[0]} labels",
-            "download and extract the CIFAR archive again",
-        )
-    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(images), labels.astype(np.int64)
-
-
-def _cifar_folder(path: str, folder_name: str, files: list[str], archive: str) -> str:
-    """DIR itself when it holds any batch file, else DIR/<folder_name>; otherwise a DataError listing files."""
-    for candidate in (path, os.path.join(path, folder_name)):
-        if any(os.path.isfile(os.path.join(candidate, f)) for f in files):
-            return candidate
-    hint = ""
-    if os.path.isfile(os.path.join(path, archive)):
-        hint = f"extract {os.path.join(path, archive)} first (tar xzf {archive}); "
-    raise DataError(
-        f"no CIFAR batches in {path} (looked there and in {folder_name}/)",
-        f"{hint}point the spec at the {folder_name} folder holding {', '.join(files)}",
-    )
-
-
-def _load_cifar(spec: str, path: str, kind: str) -> Source:
-    if kind == "cifar10":
-        folder_name, archive = "cifar-10-batches-py", "cifar-10-python.tar.gz"
-        train, test, meta = [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta"
-        label_key, names_key = "labels", "label_names"
-    else:
-        folder_name, archive = "cifar-100-python", "cifar-100-python.tar.gz"
-        train, test, meta = ["train"], ["test"], "meta"
-        label_key, names_key = "fine_labels", "fine_label_names"
-    expected = train + test + [meta]
-    folder = _cifar_folder(path, folder_name, expected, archive)
-    missing = [f for f in expected if not os.path.isfile(os.path.join(folder, f))]
-    if missing:
-        raise DataError(
-            f"{folder} is missing {', '.join(missing)}",
-            f"a complete {folder_name} folder holds {', '.join(expected)}; extract {archive} again",
-        )
-    meta_path = os.path.join(folder, meta)
-    meta_dict = _str_keys(_safe_unpickle(meta_path), meta_path)
-    class_names = _names(_get(meta_dict, names_key, meta_path), names_key, meta_path)
-    parts = [(_cifar_batch(os.path.join(folder, f), label_key), f in test) for f in train + test]
-    images = np.concatenate([p[0][0] for p in parts])
-    labels = np.concatenate([p[0][1] for p in parts])
-    official_test = np.concatenate([np.full(p[0][1].shape[0], p[1], dtype=bool) for p in parts])
-    return _finish(
-        Source(
-            spec=spec,
-            kind=kind,
-            class_names=class_names,
-            labels=labels,
-            in_chans=3,
-            images=images,
-            image_size=(32, 32),
-            official_test=official_test,
-        )
-    )
-
-
-def _load_cifar10(spec: str, path: str) -> Source:
-    """CIFAR-10 python batches: data_batch_1..5 then test_batch."""
-    return _load_cifar(spec, path, "cifar10")
-
-
-def _load_cifar100(spec: str, path: str) -> Source:
-    """CIFAR-100 python batches: train then test, fine labels."""
-    return _load_cifar(spec, path, "cifar100")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -717,7 +372,7 @@ def _load_folder(spec: str, path: str) -> Source:
             f"class folder(s) {', '.join(empty)} in {path} hold no image files",
             "add images to them or remove them",
         )
-    return _finish(
+    return finish(
         Source(
             spec=spec,
             kind="folder",
@@ -804,7 +459,7 @@ def _load_npz(spec: str, path: str) -> Source:
         class_names = [n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n) for n in names_arr.tolist()]
     else:
         class_names = [str(k) for k in range(int(labels.max()) + 1)] if labels.size and labels.max() >= 0 else []
-    return _finish(
+    return finish(
         Source(
             spec=spec,
             kind="npz",
