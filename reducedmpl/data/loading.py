@@ -303,7 +303,13 @@ class _EpochBatches(torch.utils.data.Sampler):
 
 
 def _folder_loader(batcher: "Batcher", items: _FolderItems, workers: int) -> torch.utils.data.DataLoader:
-    """A DataLoader over ``items`` in ``workers`` processes that stay alive across epochs, prefetching."""
+    """A DataLoader over ``items`` in ``workers`` processes that stay alive across epochs, prefetching.
+
+    The workers are spawned, not forked: a fork copies whatever lock another thread of this process holds at
+    that moment (seen: a forked worker hung for good in its first ``torch.manual_seed`` in a process that had run
+    thread pools). Spawning costs a few seconds of start-up once per loader (its workers persist)."""
+    context = "spawn"
     return torch.utils.data.DataLoader(
         items, batch_sampler=_EpochBatches(batcher), num_workers=workers, collate_fn=items.collate,
-        pin_memory=torch.cuda.is_available(), persistent_workers=True, prefetch_factor=4)
+        pin_memory=torch.cuda.is_available(), persistent_workers=True, prefetch_factor=4,
+        multiprocessing_context=context)
