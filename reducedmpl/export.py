@@ -31,13 +31,12 @@ from torch import nn
 
 from . import __version__
 from .errors import ArtifactError, ConfigError, writing
-from .files import publish, temp_path, write_json
+from .files import HDF5_SIGNATURE, file_head, publish, temp_path, write_json
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
 TOLERANCE = 1e-4
 CHECK_ROWS = 64
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 @dataclass
@@ -81,7 +80,7 @@ def load_exportable(path: str | Path) -> dict:
     from .models import ARTIFACT_KEYS, safe_load
 
     path = Path(path)
-    if path.is_dir() or path.suffix in (".h5", ".hdf5") or _head(path) == HDF5_SIGNATURE:
+    if path.is_dir() or path.suffix in (".h5", ".hdf5") or file_head(path) == HDF5_SIGNATURE:
         raise ArtifactError(f"{path} is a targets store (logits, no model) and cannot be exported",
                             "pass the teacher.pt or student.pt of a run")
     art = safe_load(path, what="artifact")
@@ -102,13 +101,6 @@ def _umask() -> int:
     os.umask(mask)
     return mask
 
-
-def _head(path: Path) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(HDF5_SIGNATURE))
-    except OSError:
-        return b""
 
 
 def check_inputs(art: dict, rows: int = CHECK_ROWS) -> tuple[torch.Tensor, str]:

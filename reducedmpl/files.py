@@ -17,6 +17,20 @@ from typing import IO, Any, Iterator
 from .errors import writing
 
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+ZIP_SIGNATURE = b"PK\x03\x04"  # torch.save's format
+
+
+def file_head(path: str | os.PathLike[str], size: int = len(HDF5_SIGNATURE)) -> bytes:
+    """The first ``size`` bytes of a file (empty when it cannot be read): enough to tell an HDF5 file from a
+    torch checkpoint without opening either."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(size)
+    except OSError:
+        return b""
+
+
 def temp_path(path: str | os.PathLike[str]) -> Path:
     """Where ``path`` is written before it is complete (hidden, in the same folder, so the rename is atomic)."""
     path = Path(path)

@@ -21,10 +21,9 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import UserError
+from .files import HDF5_SIGNATURE, ZIP_SIGNATURE, file_head
 from .targets import MASTER_NAME, TargetStore, class_names_problem, verify_store
 
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-ZIP_SIGNATURE = b"PK\x03\x04"  # torch.save's format
 ARTIFACT_KINDS = ("teacher", "student")
 
 
@@ -38,22 +37,15 @@ def inspect_path(path: str | Path, *, latency: bool = True, runs: int | None = N
     path = Path(path)
     if path.is_dir():
         path = path / MASTER_NAME
-    if path.suffix in (".h5", ".hdf5") or _head(path) == HDF5_SIGNATURE:
+    if path.suffix in (".h5", ".hdf5") or file_head(path) == HDF5_SIGNATURE:
         return inspect_store(path)
     if not path.exists():
         raise UserError(f"{path} does not exist", "pass a targets.h5, teacher.pt or student.pt")
-    if path.suffix not in (".pt", ".pth") and not _head(path).startswith(ZIP_SIGNATURE):
+    if path.suffix not in (".pt", ".pth") and not file_head(path).startswith(ZIP_SIGNATURE):
         raise UserError(f"{path} is neither a targets store nor a reducedmpl teacher/student artifact",
                         "pass a targets.h5, teacher.pt or student.pt")
     return inspect_artifact(path, latency=latency, runs=runs)
 
-
-def _head(path: Path) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(HDF5_SIGNATURE))
-    except OSError:
-        return b""
 
 
 # ---------------------------------------------------------------------------------------------- targets

@@ -21,6 +21,7 @@ from torch import nn
 
 from . import distributed, mpl
 from .config import DistillConfig
+from .data.loading import match_channels
 from .engine.device import autocast, to_device
 
 # A batch's parts: the labeled images and labels, the pseudo-label batch, the stored q_L of the pseudo-label
@@ -303,8 +304,7 @@ class LargeTeacher:
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         x = x * self.s_std + self.s_mean  # the student's view, back in [0, 1] pixels
-        if x.shape[1] != self.in_chans:  # as the batches match channels: grey is repeated, colour averaged
-            x = (x if x.shape[1] == 1 else x.mean(1, keepdim=True)).expand(-1, self.in_chans, -1, -1)
+        x = match_channels(x, self.in_chans)  # as the batches do: grey repeated, colour averaged
         if x.shape[-2:] != (self.size, self.size):
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
         return (x - self.t_mean) / self.t_std

@@ -83,7 +83,7 @@ class _ImageTensor:
         self.ids = torch.from_numpy(indices.astype(np.int64))
 
 
-def _match_channels(x: torch.Tensor, in_chans: int) -> torch.Tensor:
+def match_channels(x: torch.Tensor, in_chans: int) -> torch.Tensor:
     if x.shape[1] == in_chans:
         return x
     if x.shape[1] == 1:
@@ -144,7 +144,7 @@ class Batcher:
                               antialias=True)
         if self.train:
             x = self._crop_flip(x, g)
-        x = _match_channels(x, self.prep.in_chans)
+        x = match_channels(x, self.prep.in_chans)
         mean, std = self.mean, self.std
         if mean.shape[1] != x.shape[1]:
             mean, std = mean.mean().view(1, 1, 1, 1), std.mean().view(1, 1, 1, 1)
@@ -258,7 +258,7 @@ class _FolderItems(torch.utils.data.Dataset):
         if not items:  # a short last batch with fewer rows than ranks: this rank has none
             return (torch.zeros(0, self.in_chans, self.input_size, self.input_size),
                     torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
-        x = _match_channels(torch.stack([i[0] for i in items]), self.in_chans)
+        x = match_channels(torch.stack([i[0] for i in items]), self.in_chans)
         return (x.contiguous(), torch.tensor([i[1] for i in items], dtype=torch.int64),
                 torch.tensor([i[2] for i in items], dtype=torch.int64))
 

@@ -381,10 +381,10 @@ def run(cfg: PrecomputeConfig, teacher: Teacher, out: str | Path | None = None, 
               "shards": cfg.shards}
     lock = StoreLock(out) if dist.is_main else None  # one writer of `out` until this returns
     try:
-        if dist.on_main(lambda: prepare_store(out, meta, paths, overwrite, console.print)):
-            console.release()
-            return {**result, "up_to_date": True, "seconds": time.perf_counter() - t0, "bytes": _bytes(out, paths)}
+        up_to_date = dist.on_main(lambda: prepare_store(out, meta, paths, overwrite, console.print))
         console.release()
+        if up_to_date:
+            return {**result, "up_to_date": True, "seconds": time.perf_counter() - t0, "bytes": _bytes(out, paths)}
         todo = [i for i, p in enumerate(paths) if not shard_is_complete(p, meta)]
         if len(todo) < len(paths):
             console.print(f"resuming: {len(paths) - len(todo)} of {len(paths)} shards are already complete")

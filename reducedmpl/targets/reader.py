@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 
 from ..errors import ArtifactError
-from ..files import temp_path
+from ..files import ZIP_SIGNATURE, file_head, temp_path
 from .meta import MASTER_NAME, MERGE_GAP_BYTES, MIN_REMAINDER, REGENERATE, ROW_FIELDS, SPLIT_NAMES, SUPPORTED_SCHEMA_VERSIONS, StoreMeta, as_str
 from .writer import field_specs, read_shard_attrs, table_fields
 
@@ -30,10 +30,9 @@ def open_h5(path: Path) -> h5py.File:
 
 def _not_a_store(path: Path) -> ArtifactError | None:
     """The error for a teacher.pt / student.pt / reduced_teacher.pt of ours passed where a store belongs."""
+    if file_head(path, len(ZIP_SIGNATURE)) != ZIP_SIGNATURE:
+        return None
     try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"PK\x03\x04":  # torch.save's zip format
-                return None
         import torch
 
         kind = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("kind")
