@@ -15,8 +15,14 @@ Variants are a base name with optional DistillConfig overrides, ``NAME[:key=valu
     reinforce    reducedmpl, hard sampled pseudo labels, REINFORCE teacher gradient (the paper's)
     exact        reducedmpl, soft pseudo labels, exact first-order teacher gradient
 
+A variant option ``views=K`` distills from a store of K views per row (``precompute --views K``: the clean input
+and K-1 augmented ones), replaying a stored view for every drawn row; the store is computed once per K.
+
 The table reports mean ± std (sample std) over seeds of test and val accuracy, and the per-seed paired
-difference of test accuracy to ``kd`` (same seed: same student init, same batches). Model selection and
+difference of test accuracy to ``kd``, to ``online-kd`` (when run) and, for a reducedmpl variant with
+``mpl_weight`` > 0, to the same variant at ``mpl_weight=0`` (when run): same seed, same student init, same
+batches. For reducedmpl variants it also reports how long the MPL signal lasts: the logged h (every 10 steps)
+in windows of 10, and the share of windows whose mean h is positive by more than twice its standard error. Model selection and
 tuning use the val split only; the test split is read once per run, for the final number.
 
 Protocol choices (measured on a 2-core CPU shared with other jobs): the large teacher is resnet18 (the
@@ -102,8 +108,12 @@ def data_dict(args) -> dict:
             "labeled_per_class": args.labels_per_class}
 
 
-def teacher_and_targets(args) -> Path:
-    """Train the large teacher and store its targets, once; returns the targets path."""
+def targets_path(out: Path, views: int) -> Path:
+    return out / ("targets" if views <= 1 else f"targets-views{views}") / "targets.h5"
+
+
+def teacher_and_targets(args, views: int = 1) -> Path:
+    """Train the large teacher and store its targets (``views`` per row), once; returns the targets path."""
     import torch
     from rich.console import Console
 
@@ -125,21 +135,23 @@ def teacher_and_targets(args) -> Path:
         r = train_large.run(cfg, tdir, overwrite=True, console=console, quiet=True)
         console.print(f"large teacher {args.teacher_model}: val {r['val_acc']:.4f} test {r['test_acc']:.4f} "
                       f"({time.perf_counter() - t0:.0f} s)")
-    targets = out / "targets" / "targets.h5"
+    targets = targets_path(out, views)
     if not targets.exists():
         teacher = precompute.open_teacher(tdir / "teacher.pt")
         base = precompute.config_base(teacher)
         # the student's split (a teacher given more labels sees some of the student's unlabeled rows with their
         # labels: the "large, accurate teacher" case; val and test stay out of both)
         student_data = {**base["data"], "labeled_per_class": args.labels_per_class}
-        cfg = PrecomputeConfig(data=DataConfig(**student_data), dtype="float32", device="cpu")
+        if args.randaugment:  # the student's augmentation, and the policy of the stored views
+            student_data["randaugment"] = args.randaugment
+        cfg = PrecomputeConfig(data=DataConfig(**student_data), dtype="float32", device="cpu", views=views)
         cfg.validate()
         r = precompute.run(cfg, teacher, targets, overwrite=True, console=console, quiet=True)
         console.print(precompute.summary_line(r))
     return targets
 
 
-def distill_one(args_dict: dict, spec: str, seed: int, targets: str) -> dict:
+def distill_one(args_dict: dict, spec: str, seed: int) -> dict:
     """One (variant, seed) run in its own process; cached by folder (skipped if result.json exists)."""
     import torch
     from rich.console import Console
@@ -155,6 +167,7 @@ def distill_one(args_dict: dict, spec: str, seed: int, targets: str) -> dict:
         return json.loads(result_path.read_text())
     kw = {"steps": args.steps, "seed": seed, "device": "cpu", "eval_every": args.eval_every,
           "log_every": 10, "checkpoint_every": 10**9, **parse_variant(spec)}
+    targets = str(targets_path(Path(args.out), int(kw.pop("views", 1))))
     if kw["mode"] == "online-kd":
         kw["large_teacher"] = str(Path(args.out) / "large" / "teacher.pt")
     cfg = from_dict(DistillConfig, kw, "distill")
@@ -183,11 +196,37 @@ def diagnostics(run_dir: Path) -> dict:
             vals = [r[k] for r in tail if k in r]
             if vals:
                 out[k] = statistics.mean(vals)
+    hs = [r["h"] for r in rows if "h" in r]
+    if len(hs) >= 20:
+        out["h_positive_share"], out["h_last_positive"] = h_persistence(hs)
     res = json.loads((run_dir / "result.json").read_text())
     for k in ("final_val_acc_teacher", "final_val_acc_large"):
         if k in res:
             out[k] = res[k]
     return out
+
+
+def h_persistence(hs: list[float], window: int = 10) -> tuple[float, float]:
+    """(share of windows of ``window`` logged h whose mean exceeds twice its standard error, the fraction of
+    training at the end of the last such window): how long the MPL signal stays above its own noise."""
+    windows = [hs[i:i + window] for i in range(0, len(hs) - window + 1, window)]
+    positive = [statistics.mean(w) > 2 * statistics.stdev(w) / len(w) ** 0.5 for w in windows]
+    last = max((i + 1 for i, p in enumerate(positive) if p), default=0)
+    return sum(positive) / len(windows), last / len(windows)
+
+
+def paired(per_seed: dict, other: dict, key: str) -> list[float]:
+    return [100 * (per_seed[s][key] - other[s][key]) for s in sorted(per_seed) if s in other]
+
+
+def ablation(spec: str) -> str | None:
+    """The same variant at mpl_weight 0 (None unless ``spec`` is a reducedmpl variant with mpl_weight > 0)."""
+    cfg = parse_variant(spec)
+    if cfg["mode"] != "reducedmpl" or not cfg.get("mpl_weight", 1.0):
+        return None
+    name, _, rest = spec.partition(":")
+    items = [i for i in rest.split(",") if i and not i.startswith("mpl_weight=")]
+    return f"{name}:" + ",".join(["mpl_weight=0", *items])
 
 
 def build_report(args, results: dict[str, dict[int, dict]], command: str, elapsed: float) -> tuple[str, dict]:
@@ -198,30 +237,34 @@ def build_report(args, results: dict[str, dict[int, dict]], command: str, elapse
              f"{args.teacher_labels_per_class or args.labels_per_class} labels per class "
              f"(val {100 * args._teacher['val_acc']:.2f} %"
              + ("" if args.hide_test else f", test {100 * args._teacher['test_acc']:.2f} %") + ").", "",
-             "| variant | test acc % (mean ± std) | val acc % (mean ± std) | paired test diff to kd (pts) "
-             "| n seeds |", "|---|---|---|---|---|"]
+             "| variant | test acc % (mean ± std) | val acc % (mean ± std) | paired Δ to kd (pts) "
+             "| paired Δ to online-kd | paired Δ to mpl_weight 0 | n seeds |", "|---|---|---|---|---|---|---|"]
     if args.hide_test:  # a tuning sweep: val only, so nothing is chosen on test
-        lines[-2:] = ["| variant | val acc % (mean ± std) | paired val diff to kd (pts) | n seeds |",
-                      "|---|---|---|---|"]
+        lines[-2:] = ["| variant | val acc % (mean ± std) | paired val Δ to kd (pts) | paired val Δ to online-kd "
+                      "| paired val Δ to mpl_weight 0 | n seeds |", "|---|---|---|---|---|---|"]
     summary = {}
+    key = "val_acc" if args.hide_test else "test_acc"
     for spec, per_seed in results.items():
         seeds = sorted(per_seed)
         test = [100 * per_seed[s]["test_acc"] for s in seeds]
         val = [100 * per_seed[s]["val_acc"] for s in seeds]
-        key = "val_acc" if args.hide_test else "test_acc"
-        diff = [100 * (per_seed[s][key] - kd[s][key]) for s in seeds if s in kd]
-        diff_s = "–" if spec == "kd" or not diff else _ms(diff)
+        base = ablation(spec)
+        diffs = {"kd": paired(per_seed, kd, key) if spec != "kd" else [],
+                 "online-kd": paired(per_seed, results.get("online-kd", {}), key) if spec != "online-kd" else [],
+                 "mpl0": paired(per_seed, results[base], key) if base in results else []}
+        cells = " | ".join(_ms(d) for d in diffs.values())
+        summary[spec] = {"seeds": seeds, "val_acc": val, "config": parse_variant(spec),
+                         **{f"{'val_' if args.hide_test else ''}diff_to_{k}": d for k, d in diffs.items()}}
         if args.hide_test:
-            lines.append(f"| {spec} | {_ms(val)} | {diff_s} | {len(seeds)} |")
-            summary[spec] = {"seeds": seeds, "val_acc": val, "val_diff_to_kd": diff, "config": parse_variant(spec)}
+            lines.append(f"| {spec} | {_ms(val)} | {cells} | {len(seeds)} |")
         else:
-            lines.append(f"| {spec} | {_ms(test)} | {_ms(val)} | {diff_s} | {len(seeds)} |")
-            summary[spec] = {"seeds": seeds, "test_acc": test, "val_acc": val, "diff_to_kd": diff,
-                             "config": parse_variant(spec)}
+            lines.append(f"| {spec} | {_ms(test)} | {_ms(val)} | {cells} | {len(seeds)} |")
+            summary[spec]["test_acc"] = test
     diag_lines = ["", "Reduced-teacher diagnostics (mean over seeds; entropies in nats, last 10 % of logged "
                   "steps; teacher accuracies on val from the stored q_L):", "",
-                  "| variant | H(T) | H(q_L) | label flips | T labeled acc | T val acc | q_L val acc |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| variant | H(T) | H(q_L) | label flips | T labeled acc | T val acc | q_L val acc "
+                  "| h > 2 s.e. (share of windows) | last such window (fraction of training) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
     any_diag = False
     for spec, per_seed in results.items():
         if parse_variant(spec)["mode"] != "reducedmpl":
@@ -233,7 +276,8 @@ def build_report(args, results: dict[str, dict[int, dict]], command: str, elapse
         f = lambda k, pct=False: (f"{100 * mean[k]:.1f}" if pct else f"{mean[k]:.3f}") if k in mean else "–"  # noqa
         diag_lines.append(f"| {spec} | {f('entropy_teacher')} | {f('entropy_large')} | {f('flip_rate', True)} "
                           f"| {f('train_acc_teacher', True)} | {f('final_val_acc_teacher', True)} "
-                          f"| {f('final_val_acc_large', True)} |")
+                          f"| {f('final_val_acc_large', True)} | {f('h_positive_share', True)} % "
+                          f"| {f('h_last_positive', True)} % |")
     if any_diag:
         lines += diag_lines
     lines += ["", f"Command: `{command}`", "", f"Wall time of this invocation: {elapsed / 60:.1f} min "
@@ -258,6 +302,8 @@ def main() -> None:
     p.add_argument("--teacher-batch", type=int, default=25)
     p.add_argument("--teacher-lr", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--randaugment", default=None, help="e.g. rand-m9-n2: the student's augmentation and the stored "
+                                                       "views' (use its own --out)")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=None,
@@ -280,7 +326,8 @@ def main() -> None:
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    targets = teacher_and_targets(args)
+    for views in sorted({int(parse_variant(spec).get("views", 1)) for spec in args.variants} | {1}):
+        teacher_and_targets(args, views)
     import torch
 
     args._teacher = torch.load(out / "large" / "teacher.pt", weights_only=True)["metrics"]
@@ -290,7 +337,7 @@ def main() -> None:
     plain = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     done = 0
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        futs = {pool.submit(distill_one, plain, spec, s, str(targets)): (spec, s) for spec, s in jobs}
+        futs = {pool.submit(distill_one, plain, spec, s): (spec, s) for spec, s in jobs}
         for fut in as_completed(futs):
             spec, s = futs[fut]
             r = fut.result()

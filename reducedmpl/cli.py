@@ -219,6 +219,9 @@ def precompute(
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="float16 or float32 logits.")] = None,
     topk: Annotated[Optional[int], typer.Option("--topk", help="Store only the top-K logits (0: all).")] = None,
     shards: Annotated[Optional[int], typer.Option("--shards", help="Number of shard files.")] = None,
+    views: Annotated[Optional[int], typer.Option(
+        "--views", help="Views per row: the clean input plus VIEWS-1 augmented ones (the data's training "
+                        "augmentation, seeded per row and view), each with its own stored targets.")] = None,
     temperature: Annotated[Optional[float], typer.Option(
         "--temperature", help="Recorded in the store; readers divide the logits by it.")] = None,
     device: DeviceOpt = None,
@@ -235,7 +238,7 @@ def precompute(
     source = stage.open_teacher(teacher, model, checkpoint)
     split_list = [s.strip() for s in splits.split(",") if s.strip()] if splits is not None else None
     flags = {"data.source": data, "splits": split_list, "batch_size": batch_size, "dtype": dtype, "topk": topk,
-             "shards": shards, "temperature": temperature, "device": device}
+             "shards": shards, "views": views, "temperature": temperature, "device": device}
     cfg = stage_config("precompute", config, set_ or (), flags, base=stage.config_base(source))
     try:  # Ctrl-C: precompute has no --resume, running it again continues
         result = stage.run(cfg, source, out, overwrite=overwrite, console=err_console, quiet=quiet)

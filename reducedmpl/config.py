@@ -131,6 +131,8 @@ class PrecomputeConfig:
     topk: int = 0  # store only the top-k logits (plus log-sum-exp); 0 stores all logits
     shards: int = 1
     temperature: float = 1.0  # recorded in the store; the reader divides logits by it
+    views: int = 1  # per row: view 0 clean, views 1..V-1 augmented by the data's training augmentation
+    view_seed: int = 0  # the augmented views are seeded by (view_seed, row id, view)
     device: str = "auto"
     amp: bool = True
     channels_last: bool = True
@@ -147,6 +149,8 @@ class PrecomputeConfig:
         _check(self.topk >= 0, "precompute.topk must be >= 0")
         _check(self.shards >= 1, "precompute.shards must be >= 1")
         _check(self.temperature > 0, "precompute.temperature must be > 0")
+        _check(1 <= self.views <= 256, "precompute.views must be in 1..256")
+        _check(self.view_seed >= 0, "precompute.view_seed must be >= 0")
         _check_device(self.device)
 
 
@@ -214,6 +218,12 @@ class DistillConfig:
     amp: bool = True
     channels_last: bool = True
     compile: bool = False
+    # with a store of several views, each drawn row trains on one of its stored views, with that view's target
+    # (false: the student's own augmentation and the clean view's target)
+    replay_views: bool = True
+    # the rows pseudo labels are drawn from: all training rows, or the unlabeled ones only (the labeled rows then
+    # serve the reduced teacher and the MPL feedback alone: the student never trains on them before finetune)
+    pseudo_pool: Literal["all", "unlabeled"] = "all"
     memory_budget_mb: int = 2048  # targets held in memory up to this size, else read in sorted blocks
     probe_size: int = 16  # examples whose reduced-teacher distributions are saved at 0/25/50/75/100 %
 

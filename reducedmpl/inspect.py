@@ -265,7 +265,8 @@ def _store_rows(r: dict) -> list[tuple[str, str]]:
         ("ECE (15 bins)", "n/a" if r.get("ece") is None else f"{r['ece']:.4f}"),
         ("NaN/Inf values", "n/a" if r.get("nonfinite_values") is None else f"{r['nonfinite_values']:,}"),
         ("layout", f"{'top-' + str(p['topk']) if p.get('topk') else 'dense'} {p.get('dtype', '?')} logits, "
-                   f"temperature {p.get('temperature', '?')}, {p.get('num_classes', '?')} classes"),
+                   f"temperature {p.get('temperature', '?')}, {p.get('num_classes', '?')} classes"
+                   + _views_text(p)),
     ]
     shards = r.get("shards") or []
     done = sum(1 for s in shards if s.get("complete") and s.get("exists") and s.get("same_run", True))
@@ -336,3 +337,17 @@ def render(report: dict, console: Console) -> None:
             console.print(f"problem: {problem}", style="red", highlight=False, soft_wrap=True)
     else:
         console.print("sound", style="green")
+
+
+def _views_text(provenance: dict) -> str:
+    """``, 8 views (crop 2, flip, rand-m9-n2; seed 0)`` for a store with augmented views, else nothing."""
+    views = int(provenance.get("views", 1) or 1)
+    if views <= 1:
+        return ""
+    try:
+        policy = json.loads(provenance.get("view_policy") or "{}")
+    except ValueError:
+        policy = {}
+    aug = [f"crop {policy['crop_padding']}" if policy.get("crop_padding") else "",
+           "flip" if policy.get("hflip") else "", policy.get("randaugment") or ""]
+    return f", {views} views ({', '.join(a for a in aug if a) or 'no augmentation'}; seed {policy.get('seed', '?')})"

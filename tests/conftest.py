@@ -75,9 +75,10 @@ def tiny_student(tiny_targets) -> Path:
     return out / "student.pt"
 
 
-def write_store(master: Path, meta, ids, labels, splits, logits, num_shards: int, batch: int) -> Path:
+def write_store(master: Path, meta, ids, labels, splits, logits, num_shards: int, batch: int,
+                view_logits=None) -> Path:
     """A targets store at ``master`` through the real writer: ``num_shards`` shards appended ``batch`` rows at a
-    time, then the master file."""
+    time, then the master file (``view_logits`` (N, V-1, C): the augmented views of a store of V views)."""
     from reducedmpl.targets import ShardWriter, plan_shards, shard_paths, write_master
 
     paths = shard_paths(master, num_shards)
@@ -85,6 +86,7 @@ def write_store(master: Path, meta, ids, labels, splits, logits, num_shards: int
         with ShardWriter(path, meta, stop - start, index, num_shards, start) as writer:
             for a in range(start, stop, batch):
                 b = min(stop, a + batch)
-                writer.append(ids[a:b], labels[a:b], splits[a:b], logits[a:b])
+                views = () if view_logits is None else (view_logits[a:b],)
+                writer.append(ids[a:b], labels[a:b], splits[a:b], logits[a:b], *views)
     write_master(master, paths, meta)
     return master

@@ -252,8 +252,8 @@ def test_refuses_incomplete_master(dense: Written) -> None:
 
 def test_refuses_unknown_schema_version(dense: Written) -> None:
     with h5py.File(dense.master, "r+") as f:
-        f.attrs["schema_version"] = 2
-    with pytest.raises(ArtifactError, match=r"schema version 2.*version\(s\) 1"):
+        f.attrs["schema_version"] = 3
+    with pytest.raises(ArtifactError, match=r"schema version 3.*version\(s\) 1, 2"):
         TargetStore.open(dense.master)
 
 

@@ -16,7 +16,7 @@ import warnings
 import weakref
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -91,6 +91,22 @@ def match_channels(x: torch.Tensor, in_chans: int) -> torch.Tensor:
     return x.mean(dim=1, keepdim=True).expand(-1, in_chans, -1, -1)
 
 
+def array_inputs(x: torch.Tensor, prep: Preprocess, mean: torch.Tensor, std: torch.Tensor,
+                 crop_flip: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Model inputs from uint8 images (B, C, H, W): scaled to [0, 1], resized to the input size, cropped and
+    flipped by ``crop_flip`` (training), channels matched and normalised. Each image's result depends on that
+    image alone, not on the others in the batch (the stored views rely on it)."""
+    x = x.float().div_(255.0)
+    if x.shape[-1] != prep.input_size or x.shape[-2] != prep.input_size:
+        x = F.interpolate(x, size=(prep.input_size,) * 2, mode="bilinear", align_corners=False, antialias=True)
+    if crop_flip is not None:
+        x = crop_flip(x)
+    x = match_channels(x, prep.in_chans)
+    if mean.shape[1] != x.shape[1]:
+        mean, std = mean.mean().view(1, 1, 1, 1), std.mean().view(1, 1, 1, 1)
+    return ((x - mean) / std).contiguous()
+
+
 class Batcher:
     """Makes the batches of one split: ``batch(epoch, b)`` is deterministic; ``epoch(e)`` yields them all.
 
@@ -100,7 +116,8 @@ class Batcher:
     """
 
     def __init__(self, source: Source, indices: np.ndarray, prep: Preprocess, cfg: DataConfig, *,
-                 batch_size: int, train: bool, seed: int, drop_last: bool = False, dist: Dist | None = None):
+                 batch_size: int, train: bool, seed: int, drop_last: bool = False, dist: Dist | None = None,
+                 replay: Any = None):
         if len(indices) == 0:
             raise DataError("a split used for training or evaluation is empty", "check the data split sizes")
         self.source, self.indices, self.prep, self.cfg = source, np.asarray(indices), prep, cfg
@@ -110,9 +127,11 @@ class Batcher:
         self.mean = torch.tensor(prep.mean).view(1, -1, 1, 1)
         self.std = torch.tensor(prep.std).view(1, -1, 1, 1)
         self.randaugment = parse_randaugment(cfg.randaugment) if (train and cfg.randaugment) else None
+        # replay: a views.ViewMaker; each row then uses one of its stored views (views.pick_views) as its input
+        self.replay = replay
         self._arrays = _ImageTensor(source, self.indices) if source.images is not None else None
         self._folder = None if source.images is not None else _FolderItems(source, self.indices, prep, cfg, train,
-                                                                          seed)
+                                                                          seed, replay)
         self._loader = None  # the folder DataLoader, made on first use when cfg.num_workers > 0
 
     def __len__(self) -> int:
@@ -134,22 +153,15 @@ class Batcher:
         if self._folder is not None:
             return self._folder.collate([self._folder[(int(p), epoch)] for p in pos])
         a = self._arrays
+        if self.replay is not None:
+            ids = a.ids[pos]
+            return self.replay.inputs(ids.numpy(), self.views_of(epoch, ids.numpy())), a.labels[pos], ids
         x = a.images[pos]
         g = torch.Generator().manual_seed(seed)
         if self.randaugment is not None:
             x = self._apply_randaugment(x, g)
-        x = x.float().div_(255.0)
-        if x.shape[-1] != self.prep.input_size or x.shape[-2] != self.prep.input_size:
-            x = F.interpolate(x, size=(self.prep.input_size,) * 2, mode="bilinear", align_corners=False,
-                              antialias=True)
-        if self.train:
-            x = self._crop_flip(x, g)
-        x = match_channels(x, self.prep.in_chans)
-        mean, std = self.mean, self.std
-        if mean.shape[1] != x.shape[1]:
-            mean, std = mean.mean().view(1, 1, 1, 1), std.mean().view(1, 1, 1, 1)
-        x = (x - mean) / std
-        return x.contiguous(), a.labels[pos], a.ids[pos]
+        x = array_inputs(x, self.prep, self.mean, self.std, (lambda v: self._crop_flip(v, g)) if self.train else None)
+        return x, a.labels[pos], a.ids[pos]
 
     def _crop_flip(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         p = self.cfg.crop_padding
@@ -171,6 +183,14 @@ class Batcher:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
             return torch.stack([aug(img) for img in x])
+
+    def views_of(self, epoch: int, ids: np.ndarray) -> np.ndarray | None:
+        """The stored view each row of ``ids`` uses in ``epoch`` (None without replay)."""
+        if self.replay is None:
+            return None
+        from .views import pick_views
+
+        return pick_views(self.seed, epoch, ids, self.replay.policy.views)
 
     @property
     def prefetches(self) -> bool:
@@ -214,6 +234,10 @@ class BatchStream:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
 
+    def views(self, ids: torch.Tensor) -> np.ndarray | None:
+        """The stored views of the rows of the batch just drawn (None when the batcher does not replay views)."""
+        return self.batcher.views_of(self.epoch, ids.numpy())
+
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position, self._batches = int(state["epoch"]), int(state["position"]), None
 
@@ -228,10 +252,10 @@ class _FolderItems(torch.utils.data.Dataset):
     """
 
     def __init__(self, source: Source, indices: np.ndarray, prep: Preprocess, cfg: DataConfig, train: bool,
-                 seed: int):
+                 seed: int, replay: Any = None):
         from timm.data import create_transform
 
-        self.source, self.indices, self.seed, self.train = source, indices, seed, train
+        self.source, self.indices, self.seed, self.train, self.replay = source, indices, seed, train, replay
         aa = None
         if train and cfg.randaugment:
             m, n = parse_randaugment(cfg.randaugment)
@@ -247,10 +271,15 @@ class _FolderItems(torch.utils.data.Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
         pos, epoch = key
         row = int(self.indices[pos])
+        if self.replay is not None:  # the row's stored view of this epoch
+            from .views import pick_views
+
+            view = int(pick_views(self.seed, epoch, np.array([row]), self.replay.policy.views)[0])
+            return self.replay.folder_item(row, view), int(self.source.labels[row]), row
         img = read_pil_image(self.source.files[row], "RGB")  # straight to PIL: timm's transforms take it
         if not self.train:  # evaluation transforms draw nothing
             return self.transform(img), int(self.source.labels[row]), row
-        with _seeded_process_rngs(item_seed(self.seed, epoch, row)):
+        with seeded_process_rngs(item_seed(self.seed, epoch, row)):
             x = self.transform(img)
         return x, int(self.source.labels[row]), row
 
@@ -272,7 +301,7 @@ _RNG_LOCK = threading.Lock()
 
 
 @contextmanager
-def _seeded_process_rngs(seed: int):
+def seeded_process_rngs(seed: int):
     """Python's, NumPy's and torch's (CPU) global generators seeded from ``seed``, restored on exit."""
     with _RNG_LOCK:
         py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()

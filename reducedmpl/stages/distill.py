@@ -6,8 +6,9 @@ with the ``exact`` or ``reinforce`` teacher gradient), so every method runs on t
 optimizer and steps, and their comparison is fair. The large teacher is never loaded: every q_L comes from the
 targets store.
 
-The pseudo-label batch is drawn from all training rows (unlabeled and labeled); the labeled batch from the
-labeled rows. All randomness is a function of the seed, and ``last.pt`` holds every state, so ``--resume``
+The pseudo-label batch is drawn from all training rows (unlabeled and labeled; ``pseudo_pool=unlabeled``: the
+unlabeled ones only); the labeled batch from the labeled rows. With a store of several views each drawn row
+trains on one of its stored views, rebuilt exactly, with that view's q_L (:mod:`reducedmpl.data.views`). All randomness is a function of the seed, and ``last.pt`` holds every state, so ``--resume``
 reproduces an uninterrupted run.
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .. import __version__, distributed, mpl
 from ..config import DataConfig, DistillConfig, merge_data, to_dict
 from ..data.loading import Batcher, BatchStream
 from ..data.setup import DataSetup, setup_data
+from ..data.views import ViewMaker, ViewPolicy
 from ..engine import stage
 from ..engine.device import grad_scaler, prepare_model, wrap_ddp
 from ..engine.evaluation import EVAL_BATCH_SIZE, evaluate
@@ -92,30 +94,32 @@ class Distiller:
             self.ema = ModelEmaV3(model, decay=cfg.ema_decay)
         self.method: Step = build_step(cfg, self.student, self.teacher, **({"large": large} if large else {}))
         self.finetune = FinetuneStep(cfg, self.student)
-        pool = np.union1d(rows["labeled"], rows["unlabeled"])
+        pool = rows["unlabeled"] if cfg.pseudo_pool == "unlabeled" else np.union1d(rows["labeled"], rows["unlabeled"])
+        replay = view_replay(cfg, data, store, self.method.needs)
         self.labeled = BatchStream(Batcher(src, rows["labeled"], prep, data.config, batch_size=cfg.batch_size,
-                                           train=True, seed=cfg.seed, drop_last=True, dist=dist))
+                                           train=True, seed=cfg.seed, drop_last=True, dist=dist, replay=replay))
         self.unlabeled = BatchStream(Batcher(src, pool, prep, data.config, batch_size=cfg.unlabeled_batch_size,
                                              train=True, seed=cfg.seed + UNLABELED_SEED_OFFSET, drop_last=True,
-                                             dist=dist))
+                                             dist=dist, replay=replay))
         self.step_count = 0
 
-    def log_q(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.store.log_probs(ids.numpy())).to(self.device)
+    def log_q(self, ids: torch.Tensor, views: np.ndarray | None = None) -> torch.Tensor:
+        return torch.from_numpy(self.store.log_probs(ids.numpy(), views=views)).to(self.device)
 
     def batch(self, needs: frozenset[str]) -> Batch:
-        """The parts of the next batch that a step ``needs``, on the device."""
+        """The parts of the next batch that a step ``needs``, on the device (with stored views: each row's q_L
+        is that of the view its input was rebuilt from)."""
         b = Batch()
         if LABELED in needs:
             x_l, y_l, ids_l = self.labeled.next()
             b.x_l, b.y_l = self.student.to_input(x_l), y_l.to(self.device)
             if LABELED_TARGETS in needs:
-                b.log_q_l = self.log_q(ids_l)
+                b.log_q_l = self.log_q(ids_l, self.labeled.views(ids_l))
         if UNLABELED in needs:
             x_u, _, ids_u = self.unlabeled.next()
             b.x_u = self.student.to_input(x_u)
             if UNLABELED_TARGETS in needs:
-                b.log_q_u = self.log_q(ids_u)
+                b.log_q_u = self.log_q(ids_u, self.unlabeled.views(ids_u))
         return b
 
     def step(self, measure: bool) -> StepOutput:
@@ -170,6 +174,14 @@ class Distiller:
         self.unlabeled.load_state_dict(state["unlabeled"])
         self.step_count = state["step"]
         restore_rank_rng(state["rng"], self.dist)
+
+
+def view_replay(cfg: DistillConfig, data: DataSetup, store: TargetStore, needs: frozenset[str]) -> ViewMaker | None:
+    """The stored views the training streams replay: for a store of several views, a method that reads stored
+    targets, and ``replay_views`` on; else None (the student's own augmentation, the clean view's targets)."""
+    if store.views <= 1 or not cfg.replay_views or not needs & {LABELED_TARGETS, UNLABELED_TARGETS}:
+        return None
+    return ViewMaker(data.source, data.prep, ViewPolicy.from_dict(store.meta.view_policy))
 
 
 def load_large_teacher(cfg: DistillConfig, data: DataSetup, device: torch.device) -> LargeTeacher:
@@ -299,6 +311,9 @@ def run(cfg: DistillConfig, targets: str | Path, out: str | Path, *, resume: boo
         needed = {"labeled": data.splits.indices["labeled"]}
         if cfg.mode != "supervised":
             needed["unlabeled"] = data.splits.indices["unlabeled"]
+            if cfg.pseudo_pool == "unlabeled" and not len(needed["unlabeled"]):
+                raise ConfigError("distill.pseudo_pool=unlabeled but the data has no unlabeled rows",
+                                  "set distill.pseudo_pool=all, or keep some rows unlabeled (data.labeled_per_class)")
         check_store(store, data, needed)
         check_model_fits(cfg.student, data.source.num_classes, data.prep.in_chans, data.prep.input_size,
                          "distill.student")

@@ -29,6 +29,7 @@ from ..config import DataConfig, PrecomputeConfig, to_dict
 from ..data.loading import Batcher, Preprocess, default_preprocess
 from ..data.sources import Source, load_source
 from ..data.splits import Splits, make_splits
+from ..data.views import ViewMaker, ViewPolicy, make_policy
 from ..engine.device import prepare_model, resolve_device
 from ..engine.evaluation import predict_logits
 from ..engine.progress import HeldConsole, progress, rank_output
@@ -36,7 +37,8 @@ from ..errors import ArtifactError, ConfigError, DataError
 from ..models import (ARTIFACT_KEYS, check_model_name, create_model, load_artifact, load_state_dict_file,
                       check_artifact_data, load_weights, model_from_artifact)
 from ..targets import (MASTER_NAME, SPLIT_NAMES, ShardWriter, StoreLock, StoreMeta, derive_run_key, file_sha256, plan_shards,
-                       prepare_store, shard_is_complete, shard_paths, stored_predictions, write_master)
+                       prepare_store, shard_is_complete, shard_paths, stored_predictions, target_bytes_per_row,
+                       write_master)
 
 # The data settings that decide which rows go into which split (the rest only change augmentation/loading).
 SPLIT_KEYS = ("source", "split_seed", "val_size", "test_size", "use_official_test", "labeled_per_class",
@@ -196,9 +198,9 @@ class _BackgroundWriter:
     leaving the ``with`` block, which always waits for it (so the shard is never closed under a write).
     """
 
-    def __init__(self, writer: ShardWriter, pool: ThreadPoolExecutor, num_classes: int):
+    def __init__(self, writer: ShardWriter, pool: ThreadPoolExecutor):
         self.writer, self.pool = writer, pool
-        self.block_rows = max(1, WRITE_BLOCK_BYTES // (4 * num_classes))
+        self.block_rows = max(1, WRITE_BLOCK_BYTES // (4 * writer.meta.num_classes * writer.meta.views))
         self._parts: list[tuple[np.ndarray, ...]] = []
         self._rows = 0
         self._pending: Future | None = None
@@ -262,10 +264,23 @@ def _prefetched(batcher: Batcher, pool: ThreadPoolExecutor) -> Iterator[tuple[to
         yield batch
 
 
+def view_logits(model: nn.Module, maker: ViewMaker, ids: np.ndarray, device: torch.device, cfg: PrecomputeConfig,
+                amp: bool) -> np.ndarray:
+    """float32 (n, V-1, C): the teacher's logits on views 1..V-1 of rows ``ids``, run in batches of
+    ``cfg.batch_size`` inputs."""
+    extra = maker.policy.views - 1
+    keys = np.repeat(np.asarray(ids, np.int64), extra), np.tile(np.arange(1, extra + 1), len(ids))
+    chunks = ((maker.inputs(keys[0][s:s + cfg.batch_size], keys[1][s:s + cfg.batch_size]), None, None)
+              for s in range(0, len(keys[0]), cfg.batch_size))
+    out = [logits.numpy() for logits, _, _ in predict_logits(model, chunks, device, amp, cfg.channels_last)]
+    return np.concatenate(out).reshape(len(ids), extra, -1)
+
+
 def compute_shard(model: nn.Module, batcher: Batcher | None, rows: Rows, start: int, stop: int, writer: ShardWriter,
                   pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor], device: torch.device, cfg: PrecomputeConfig,
-                  pred: np.ndarray, advance: Callable[[int], None]) -> None:
-    """Teacher logits for rows ``start:stop`` into ``writer`` (and their top-1 class into ``pred``), in row order."""
+                  pred: np.ndarray, advance: Callable[[int], None], maker: ViewMaker | None = None) -> None:
+    """Teacher logits for rows ``start:stop`` into ``writer`` (and their top-1 class on view 0 into ``pred``), in
+    row order; with ``maker`` also on each row's augmented views."""
     if batcher is None:  # an empty shard (more shards than rows)
         return
     amp = cfg.amp and device.type == "cuda"
@@ -273,7 +288,7 @@ def compute_shard(model: nn.Module, batcher: Batcher | None, rows: Rows, start: 
     write_pool, batch_pool = pools
     batches = _prefetched(batcher, batch_pool) if device.type == "cuda" and not batcher.prefetches \
         else batcher.epoch(0)
-    with _BackgroundWriter(writer, write_pool, writer.meta.num_classes) as out:
+    with _BackgroundWriter(writer, write_pool) as out:
         for logits, _, ids in predict_logits(model, _dispatching(batches, out), device, amp, cfg.channels_last):
             n = len(ids)
             sl = slice(pos, pos + n)
@@ -281,7 +296,8 @@ def compute_shard(model: nn.Module, batcher: Batcher | None, rows: Rows, start: 
                 raise RuntimeError("batches came out of row order")  # a bug, never a user error
             logits = logits.numpy()
             pred[sl] = logits.argmax(axis=1)
-            out.add(rows.ids[sl], rows.labels[sl], rows.splits[sl], logits)
+            views = () if maker is None else (view_logits(model, maker, rows.ids[sl], device, cfg, amp),)
+            out.add(rows.ids[sl], rows.labels[sl], rows.splits[sl], logits, *views)
             pos += n
             advance(n)
 
@@ -327,12 +343,14 @@ def _short(names: list[str], n: int = 4) -> str:
 def build_meta(cfg: PrecomputeConfig, teacher: Teacher, data: TeacherData, prep: Preprocess, class_names: list[str],
                sha256: str, num_rows: int) -> StoreMeta:
     kept = [s for s in SPLIT_NAMES if s in cfg.splits]
+    policy = make_policy(cfg.views, cfg.view_seed, data.config, prep, data.source).to_dict() if cfg.views > 1 else {}
     meta = StoreMeta(
         teacher_arch=teacher.arch, teacher_sha256=sha256, class_names=list(class_names),
         data_spec=data.config.source, split_seed=data.config.split_seed,
         fingerprints={s: data.splits.fingerprints[s] for s in kept}, temperature=cfg.temperature,
         dtype=cfg.dtype, topk=cfg.topk, tool_version=__version__,
-        config={"data": to_dict(data.config), "precompute": to_dict(cfg), "preprocess": prep.to_dict()})
+        config={"data": to_dict(data.config), "precompute": to_dict(cfg), "preprocess": prep.to_dict()},
+        views=cfg.views, view_policy=policy)
     try:
         meta.validate()
     except ValueError as e:
@@ -378,6 +396,7 @@ def run(cfg: PrecomputeConfig, teacher: Teacher, out: str | Path | None = None, 
 
     paths = shard_paths(out, cfg.shards)
     result = {"path": str(out), "rows": len(rows), "rows_per_split": rows.sizes, "run_key": meta.run_key,
+              "views": meta.views, "target_bytes_per_row": target_bytes_per_row(meta),
               "shards": cfg.shards}
     lock = StoreLock(out) if dist.is_main else None  # one writer of `out` until this returns
     try:
@@ -408,6 +427,7 @@ def _compute(cfg: PrecomputeConfig, model: nn.Module, data: TeacherData, prep: P
     mine = todo[dist.rank::dist.world_size]  # the shards still to do, dealt out round the ranks
     model = prepare_model(model, device, cfg.channels_last)
     pred = np.zeros(len(rows), np.int64)
+    maker = ViewMaker(data.source, prep, ViewPolicy.from_dict(meta.view_policy)) if meta.views > 1 else None
     todo_rows = sum(ranges[i][1] - ranges[i][0] for i in mine)
     with progress(disable=quiet) as bar, ThreadPoolExecutor(1) as write_pool, ThreadPoolExecutor(1) as batch_pool:
         task = bar.add_task("teacher logits", total=todo_rows, info="")
@@ -417,7 +437,7 @@ def _compute(cfg: PrecomputeConfig, model: nn.Module, data: TeacherData, prep: P
                               train=False, seed=0) if stop > start else None
             with ShardWriter(paths[i], meta, stop - start, i, len(paths), start) as writer:
                 compute_shard(model, batcher, rows, start, stop, writer, (write_pool, batch_pool), device, cfg, pred,
-                              lambda n: bar.update(task, advance=n, info=f"shard {i + 1}/{len(paths)}"))
+                              lambda n: bar.update(task, advance=n, info=f"shard {i + 1}/{len(paths)}"), maker)
     dist.barrier()  # every rank's shards are committed
     if dist.is_main:
         for i, path in enumerate(paths):
@@ -441,4 +461,9 @@ def summary_line(result: dict) -> str:
     parts = [f"{name} {n}" + (f" (teacher acc {100 * acc[name]:.2f}%)" if name in acc else "")
              for name, n in result["rows_per_split"].items()]
     return (f"targets: {', '.join(parts)}; {result['computed_shards']}/{result['shards']} shards computed in "
-            f"{result['seconds']:.1f} s; {result['bytes']:,} bytes -> {result['path']}")
+            f"{result['seconds']:.1f} s; {result['bytes']:,} bytes{_per_row(result)} -> {result['path']}")
+
+
+def _per_row(result: dict) -> str:
+    views = result.get("views", 1)
+    return f" ({views} views, {result['target_bytes_per_row']:,} target bytes per row)" if views > 1 else ""

@@ -7,9 +7,14 @@ A store is a master file ``targets.h5`` plus shard files beside it
 joins them with HDF5 virtual datasets whose source file names are *relative* (bare file names in
 the master's folder), so h5py/h5dump see one table and the folder can be moved as a whole.
 
-Per row (schema version 1): ``logits`` (N, C) in dense mode, or ``topk_logits`` (N, K),
+Per row (schema version 2): ``logits`` (N, C) in dense mode, or ``topk_logits`` (N, K),
 ``topk_index`` (N, K) and ``logsumexp`` (N,) in top-k mode; plus ``id``, ``label`` (-1 = none)
-and ``split`` (uint8 code into ``SPLIT_NAMES``). Logits are stored raw (not divided by the
+and ``split`` (uint8 code into ``SPLIT_NAMES``). These tables hold view 0, the teacher on the clean input.
+A store of V > 1 views (``precompute --views V``; attribute ``views``) also holds views 1..V-1, the teacher
+on augmented inputs, in the same tables with a ``view_`` prefix and a view axis: ``view_logits``
+(N, V-1, C), or ``view_topk_logits``/``view_topk_index`` (N, V-1, K) and ``view_logsumexp`` (N, V-1). The
+attribute ``view_policy`` (JSON) records how to rebuild each view's input (:mod:`reducedmpl.data.views`).
+Version 1 (no views) is still read, as a one-view store. Logits are stored raw (not divided by the
 temperature, not converted to probabilities: float16 probabilities underflow); the temperature is
 metadata that the reader applies. ``logsumexp`` is over all C raw logits, so top-k probabilities
 are exact at temperature 1 and the remainder mass ``1 - sum(p_topk)`` is known. The reader spreads
@@ -48,10 +53,10 @@ from .meta import (DENSE_FIELDS, LOGIT_DTYPES, MASTER_NAME, ROW_FIELDS, SCHEMA_V
                    derive_run_key, file_sha256)
 from .reader import TargetStore
 from .verify import verify_store
-from .writer import ShardWriter, plan_shards, shard_is_complete, shard_paths, write_master
+from .writer import ShardWriter, plan_shards, shard_is_complete, shard_paths, target_bytes_per_row, write_master
 
 __all__ = ["DENSE_FIELDS", "LOGIT_DTYPES", "MASTER_NAME", "ROW_FIELDS", "SCHEMA_VERSION", "SPLIT_NAMES",
            "SUPPORTED_SCHEMA_VERSIONS", "TOPK_FIELDS", "ShardWriter", "StoreLock", "check_class_names",
            "class_names_problem", "StoreMeta", "TargetStore", "derive_run_key",
            "file_sha256", "plan_shards", "prepare_store", "read_run_key", "shard_is_complete", "shard_paths",
-           "store_files", "stored_predictions", "verify_store", "write_master"]
+           "store_files", "stored_predictions", "target_bytes_per_row", "verify_store", "write_master"]

@@ -13,8 +13,9 @@ import numpy as np
 
 from ..errors import ArtifactError
 
-SCHEMA_VERSION = 1
-SUPPORTED_SCHEMA_VERSIONS = (1,)
+# 2: stored views (``views``, ``view_policy`` and the ``view_*`` tables); a version-1 store reads as one view
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)
 SPLIT_NAMES = ("labeled", "unlabeled", "val", "test")
 LOGIT_DTYPES = ("float16", "float32")
 MASTER_NAME = "targets.h5"
@@ -22,6 +23,8 @@ MASTER_NAME = "targets.h5"
 ROW_FIELDS = ("id", "label", "split")
 DENSE_FIELDS = ("logits",)
 TOPK_FIELDS = ("topk_logits", "topk_index", "logsumexp")
+VIEW_PREFIX = "view_"  # the augmented views 1..V-1 of each row: view_logits (N, V-1, C), view_topk_* (N, V-1, K)
+MAX_VIEWS = 256
 
 LIBVER = ("v110", "latest")  # VDS and large (dense-stored) attributes need the 1.10 format
 CHUNK_TARGET = 256 * 1024
@@ -51,6 +54,8 @@ class StoreMeta:
     tool_version: str = ""
     config: dict = field(default_factory=dict)
     run_key: str = ""
+    views: int = 1  # view 0 is the clean input; views 1..V-1 are augmented inputs rebuilt from view_policy
+    view_policy: dict = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -67,6 +72,10 @@ class StoreMeta:
             raise ValueError(f"topk={self.topk} must be 0 (dense) or in 1..{self.num_classes - 1}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature {self.temperature} must be a positive number")
+        if not 1 <= self.views <= MAX_VIEWS:
+            raise ValueError(f"views={self.views} must be in 1..{MAX_VIEWS}")
+        if self.views > 1 and not self.view_policy:
+            raise ValueError("a store with augmented views must record the view policy that rebuilds them")
 
     def to_attrs(self) -> dict[str, Any]:
         """Root attributes (schema version and split code table included)."""
@@ -86,6 +95,8 @@ class StoreMeta:
             "config": json.dumps(self.config, sort_keys=True, default=str),
             "run_key": self.run_key,
             "split_names": list(SPLIT_NAMES),
+            "views": int(self.views),
+            "view_policy": json.dumps(self.view_policy, sort_keys=True),
         }
 
     @classmethod
@@ -94,8 +105,9 @@ class StoreMeta:
         class_names = [as_str(x) for x in np.atleast_1d(np.asarray(attrs["class_names"], dtype=object))]
         fingerprints = json.loads(as_str(attrs["fingerprints"]))
         config = json.loads(as_str(attrs["config"]))
-        if not isinstance(fingerprints, dict) or not isinstance(config, dict):
-            raise ValueError("fingerprints and config must be JSON objects")
+        policy = json.loads(as_str(attrs.get("view_policy", "{}")))  # version 1: one view, no policy
+        if not isinstance(fingerprints, dict) or not isinstance(config, dict) or not isinstance(policy, dict):
+            raise ValueError("fingerprints, config and view_policy must be JSON objects")
         meta = cls(
             teacher_arch=as_str(attrs["teacher_arch"]),
             teacher_sha256=as_str(attrs["teacher_sha256"]),
@@ -109,6 +121,8 @@ class StoreMeta:
             tool_version=as_str(attrs["tool_version"]),
             config=config,
             run_key=as_str(attrs["run_key"]),
+            views=int(attrs.get("views", 1)),
+            view_policy=policy,
         )
         if int(attrs["num_classes"]) != meta.num_classes:
             raise ValueError(f"num_classes={int(attrs['num_classes'])} but {meta.num_classes} class names")

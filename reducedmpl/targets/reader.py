@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import ArtifactError
 from ..files import ZIP_SIGNATURE, file_head, temp_path
 from .meta import MASTER_NAME, MERGE_GAP_BYTES, MIN_REMAINDER, REGENERATE, ROW_FIELDS, SPLIT_NAMES, SUPPORTED_SCHEMA_VERSIONS, StoreMeta, as_str
-from .writer import field_specs, read_shard_attrs, table_fields
+from .writer import field_specs, read_shard_attrs, table_fields, view_fields
 
 
 # ----------------------------------------------------------------------------- reading
@@ -164,7 +164,8 @@ class TargetStore:
         self.splits = splits
         self._file: h5py.File | None = file
         self._datasets = datasets
-        self._fields = table_fields(meta)
+        self._fields = table_fields(meta)  # view 0
+        self._view_fields = view_fields(meta)  # views 1..V-1
         order = np.argsort(ids, kind="stable")
         self._sorted_ids = ids[order]
         self._sorted_rows = order.astype(np.int64)
@@ -172,14 +173,14 @@ class TargetStore:
             raise ArtifactError(f"targets store {path} has duplicate ids", REGENERATE)
         self.read_calls = 0  # HDF5 read calls made by the out-of-core path (one per block and field)
         self.blocks_read = 0  # contiguous row blocks planned by the out-of-core path
-        row_bytes = sum(int(np.prod(datasets[n].shape[1:])) * datasets[n].dtype.itemsize for n in self._fields)
-        self._merge_gap = max(1, MERGE_GAP_BYTES // max(1, row_bytes))
-        table_bytes = row_bytes * len(ids)
+        self._merge_gap = max(1, MERGE_GAP_BYTES // max(1, self._row_bytes(self._fields)))
+        self._view_merge_gap = max(1, MERGE_GAP_BYTES // max(1, self._row_bytes(self._view_fields)))
+        table_bytes = (self._row_bytes(self._fields) + self._row_bytes(self._view_fields)) * len(ids)
         self._table: dict[str, np.ndarray] | None = None
         self.in_memory = self._columns_nbytes() + table_bytes <= memory_budget_bytes
         if self.in_memory:
             self._table = {}
-            for name in self._fields:
+            for name in self._fields + self._view_fields:
                 ds = datasets[name]
                 arr = np.empty(ds.shape, dtype=ds.dtype)
                 try:
@@ -189,6 +190,9 @@ class TargetStore:
                     raise ArtifactError(f"reading '{name}' from targets store {path} failed ({exc})",
                                         REGENERATE) from exc
                 self._table[name] = arr
+
+    def _row_bytes(self, fields: tuple[str, ...]) -> int:
+        return sum(int(np.prod(self._datasets[n].shape[1:])) * self._datasets[n].dtype.itemsize for n in fields)
 
     def _columns_nbytes(self) -> int:
         return sum(a.nbytes for a in (self.ids, self.labels, self.splits, self._sorted_ids, self._sorted_rows))
@@ -221,7 +225,7 @@ class TargetStore:
         specs = field_specs(meta, 0)
         datasets: dict[str, h5py.Dataset] = {}
         shards: set[Path] = set()
-        for name in ROW_FIELDS + table_fields(meta):
+        for name in ROW_FIELDS + table_fields(meta) + view_fields(meta):
             obj = f.get(name)
             if not isinstance(obj, h5py.Dataset):
                 raise ArtifactError(f"targets store {path} lacks dataset '{name}'", REGENERATE)
@@ -232,7 +236,7 @@ class TargetStore:
         num_rows = datasets["id"].shape[0] if datasets["id"].ndim == 1 else -1
         for name, ds in datasets.items():
             shape, dtype = specs[name]
-            exact = name in ("logits", "topk_logits")  # must match the recorded dtype
+            exact = name.removeprefix("view_") in ("logits", "topk_logits")  # must match the recorded dtype
             if ds.shape != (num_rows,) + shape[1:] or (ds.dtype != dtype if exact else ds.dtype.kind != dtype.kind):
                 raise ArtifactError(f"targets store {path}: dataset '{name}' has shape {ds.shape} and dtype "
                                     f"{ds.dtype}, expected {(num_rows,) + shape[1:]} {dtype}", REGENERATE)
@@ -273,26 +277,33 @@ class TargetStore:
                                 "rerun precompute for this data")
         return self._sorted_rows[pos]
 
-    def log_probs(self, ids: Sequence[int] | np.ndarray, temperature: float | None = None) -> np.ndarray:
-        """float32 (n, C) ``log_softmax(logits / T)`` for ``ids`` in the given order (T: meta default)."""
+    @property
+    def views(self) -> int:
+        """Number of stored views V per row (view 0 is the clean input; 1 for a version-1 store)."""
+        return self.meta.views
+
+    def log_probs(self, ids: Sequence[int] | np.ndarray, temperature: float | None = None,
+                  views: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """float32 (n, C) ``log_softmax(logits / T)`` for ``ids`` in the given order (T: meta default), of view
+        ``views[i]`` of row ``ids[i]`` (None: view 0, the clean input)."""
         t = self.meta.temperature if temperature is None else float(temperature)
         if not (math.isfinite(t) and t > 0):
             raise ValueError(f"temperature must be positive, got {t}")
         rows = self.rows_for_ids(ids)
-        table = self._gather(rows)
+        table = self._gather_views(rows, views)
         self._check_finite(table, rows)
         if self.meta.topk:
             return topk_log_probs(table["topk_logits"], table["topk_index"], table["logsumexp"],
                                    self.meta.num_classes, t)
         return dense_log_probs(table["logits"], t)
 
-    def logits(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """float32 (n, C) raw logits (dense stores only)."""
+    def logits(self, ids: Sequence[int] | np.ndarray, views: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+        """float32 (n, C) raw logits of view ``views[i]`` of row ``ids[i]`` (None: view 0; dense stores only)."""
         if self.meta.topk:
             raise ArtifactError(f"targets store {self.path} holds top-{self.meta.topk} logits, not dense ones",
                                 "use log_probs, or rerun precompute with topk=0")
         rows = self.rows_for_ids(ids)
-        table = self._gather(rows)
+        table = self._gather_views(rows, views)
         self._check_finite(table, rows)
         return table["logits"].astype(np.float32)
 
@@ -326,14 +337,39 @@ class TargetStore:
                     raise ArtifactError(f"targets store {self.path} has NaN/Inf in '{name}' for ids "
                                         f"{self.ids[rows[bad]][:5].tolist()}", REGENERATE)
 
-    def _gather(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Table fields for ``rows`` in the given order."""
+    def _gather_views(self, rows: np.ndarray, views: Sequence[int] | np.ndarray | None) -> dict[str, np.ndarray]:
+        """View 0's table fields for ``rows``, each row's from its view ``views[i]`` where one is given."""
+        if views is None:
+            return self._gather(rows)
+        views = np.asarray(views, dtype=np.int64).reshape(-1)
+        if views.shape != rows.shape:
+            raise ValueError(f"{len(views)} views for {len(rows)} ids")
+        if views.size and (views.min() < 0 or views.max() >= self.views):
+            raise ValueError(f"views must be in 0..{self.views - 1} (the store holds {self.views}), got "
+                             f"{views.min()}..{views.max()}")
+        augmented = views > 0
+        if not augmented.any():
+            return self._gather(rows)
+        table = self._gather(rows[~augmented])
+        out = {}
+        for name, vname in zip(self._fields, self._view_fields):
+            part = self._gather(rows[augmented], (vname,))[vname]
+            col = np.empty((len(rows),) + part.shape[2:], dtype=part.dtype)
+            col[~augmented] = table[name]
+            col[augmented] = part[np.arange(len(part)), views[augmented] - 1]
+            out[name] = col
+        return out
+
+    def _gather(self, rows: np.ndarray, fields: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """Table fields (default: view 0's) for ``rows`` in the given order."""
         if self._file is None:
             raise RuntimeError(f"targets store {self.path} is closed")
+        fields = self._fields if fields is None else fields
         if self._table is not None:
-            return {name: arr[rows] for name, arr in self._table.items()}
+            return {name: self._table[name][rows] for name in fields}
         unique, inverse = np.unique(rows, return_inverse=True)
-        starts, stops = self._plan_blocks(unique)
+        gap = self._view_merge_gap if fields[0] in self._view_fields else self._merge_gap
+        starts, stops = self._plan_blocks(unique, gap)
         # position of each unique row inside the concatenated blocks
         lengths = stops - starts
         offsets = np.concatenate(([0], np.cumsum(lengths)[:-1]))
@@ -341,13 +377,13 @@ class TargetStore:
         where = offsets[block_of] + (unique - starts[block_of])
         take = where[inverse.reshape(-1)]
         self.blocks_read += len(starts)
-        return {name: self._read_blocks(name, starts, stops)[take] for name in self._fields}
+        return {name: self._read_blocks(name, starts, stops)[take] for name in fields}
 
-    def _plan_blocks(self, unique_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _plan_blocks(self, unique_rows: np.ndarray, gap: int) -> tuple[np.ndarray, np.ndarray]:
         """Merge sorted unique rows into contiguous ``[start, stop)`` blocks (small gaps absorbed)."""
         if unique_rows.size == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        breaks = np.flatnonzero(np.diff(unique_rows) > self._merge_gap) + 1
+        breaks = np.flatnonzero(np.diff(unique_rows) > gap) + 1
         first = np.concatenate(([0], breaks))
         last = np.concatenate((breaks - 1, [unique_rows.size - 1]))
         return unique_rows[first].astype(np.int64), unique_rows[last].astype(np.int64) + 1

@@ -91,9 +91,10 @@ def _scan_store(store: TargetStore, report: dict[str, Any], block_rows: int) -> 
     entropy_sum, conf_all, correct_all = 0.0, [], []
     for start in range(0, store.num_rows, block_rows):
         stop = min(start + block_rows, store.num_rows)
-        table = {name: store._read_blocks(name, np.array([start]), np.array([stop])) for name in store._fields}
+        block = np.array([start]), np.array([stop])
+        table = {name: store._read_blocks(name, *block) for name in store._fields}
         finite = np.ones(stop - start, dtype=bool)
-        for arr in table.values():
+        for arr in [*table.values(), *(store._read_blocks(name, *block) for name in store._view_fields)]:
             if arr.dtype.kind == "f":
                 ok = np.isfinite(arr).reshape(stop - start, -1)
                 nonfinite += int((~ok).sum())

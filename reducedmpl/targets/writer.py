@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import ArtifactError, writing
 from ..files import publish, temp_path
-from .meta import CHUNK_MAX, CHUNK_TARGET, COLUMN_CHUNK_ROWS, DENSE_FIELDS, LIBVER, REGENERATE, ROW_FIELDS, SCHEMA_VERSION, SPLIT_NAMES, StoreMeta, TOPK_FIELDS, as_str, set_attrs
+from .meta import CHUNK_MAX, CHUNK_TARGET, COLUMN_CHUNK_ROWS, DENSE_FIELDS, LIBVER, REGENERATE, ROW_FIELDS, SCHEMA_VERSION, SPLIT_NAMES, StoreMeta, TOPK_FIELDS, VIEW_PREFIX, as_str, set_attrs
 
 
 _RESUME_FIX = "free some space, then run the same precompute command again (finished shards are kept)"
@@ -140,11 +140,28 @@ def field_specs(meta: StoreMeta, num_rows: int) -> dict[str, tuple[tuple[int, ..
         specs["logsumexp"] = ((num_rows,), np.dtype(np.float32))
     else:
         specs["logits"] = ((num_rows, meta.num_classes), dtype)
+    if meta.views > 1:  # views 1..V-1 of each row, beside view 0's tables: (N, V-1, ...)
+        for name in table_fields(meta):
+            shape, dt = specs[name]
+            specs[VIEW_PREFIX + name] = ((num_rows, meta.views - 1) + shape[1:], dt)
     return specs
 
 
+def target_bytes_per_row(meta: StoreMeta) -> int:
+    """Bytes of one row's teacher targets, every view (the id/label/split columns, compressed, excluded)."""
+    specs = field_specs(meta, 1)
+    return sum(int(np.prod(shape[1:])) * dtype.itemsize
+               for name, (shape, dtype) in specs.items() if name not in ROW_FIELDS)
+
+
 def table_fields(meta: StoreMeta) -> tuple[str, ...]:
+    """The tables of view 0 (the clean input): what evaluation, probes and version-1 readers use."""
     return TOPK_FIELDS if meta.topk else DENSE_FIELDS
+
+
+def view_fields(meta: StoreMeta) -> tuple[str, ...]:
+    """The tables of the augmented views 1..V-1 (none for a one-view store)."""
+    return tuple(VIEW_PREFIX + name for name in table_fields(meta)) if meta.views > 1 else ()
 
 
 def logsumexp_rows(x: np.ndarray) -> np.ndarray:
@@ -221,14 +238,24 @@ class ShardWriter:
         else:
             self.abort()
 
-    def append(self, ids: np.ndarray, labels: np.ndarray, splits: np.ndarray, logits: np.ndarray) -> None:
-        """Write the next batch of rows; logits are raw float32 (n, C), converted here."""
+    def append(self, ids: np.ndarray, labels: np.ndarray, splits: np.ndarray, logits: np.ndarray,
+               view_logits: np.ndarray | None = None) -> None:
+        """Write the next batch of rows; logits are raw float32 (n, C) of view 0, converted here, and (a store of
+        V > 1 views) ``view_logits`` (n, V-1, C) of views 1..V-1."""
         if self._file is None:
             raise RuntimeError(f"shard writer for {self.path} is closed")
         logits = np.asarray(logits, dtype=np.float32)
         n = logits.shape[0]
-        if logits.ndim != 2 or logits.shape[1] != self.meta.num_classes:
-            raise ValueError(f"logits must have shape (n, {self.meta.num_classes}), got {logits.shape}")
+        c, extra = self.meta.num_classes, self.meta.views - 1
+        if logits.ndim != 2 or logits.shape[1] != c:
+            raise ValueError(f"logits must have shape (n, {c}), got {logits.shape}")
+        if (view_logits is None) != (extra == 0):
+            raise ValueError(f"this store has {self.meta.views} view(s): pass view_logits exactly when it has more "
+                             f"than one")
+        if view_logits is not None:
+            view_logits = np.asarray(view_logits, dtype=np.float32)
+            if view_logits.shape != (n, extra, c):
+                raise ValueError(f"view_logits must have shape ({n}, {extra}, {c}), got {view_logits.shape}")
         cols = {"id": np.asarray(ids), "label": np.asarray(labels), "split": np.asarray(splits)}
         for name, col in cols.items():
             if col.shape != (n,):
@@ -238,27 +265,39 @@ class ShardWriter:
         if self.rows_written + n > self.num_rows:
             raise ValueError(f"{self.path}: {self.rows_written + n} rows appended, shard holds {self.num_rows}")
         finite = np.isfinite(logits).all(axis=1)
+        if view_logits is not None:
+            finite &= np.isfinite(view_logits).all(axis=(1, 2))
         if not finite.all():
             bad = cols["id"][~finite][:5].tolist()
             raise ArtifactError(f"teacher produced NaN/Inf logits for {int((~finite).sum())} rows of {self.path} "
                                 f"(ids {bad})",
                                 "check the teacher checkpoint and input data, then rerun precompute")
         start, stop = self.rows_written, self.rows_written + n
-        if self.meta.topk:
-            self._write_topk(start, stop, logits)
-        else:
-            with np.errstate(over="ignore"):
-                stored = logits.astype(self.meta.dtype)
-            if not np.isfinite(stored).all():
-                raise ArtifactError(f"teacher logits for {self.path} overflow {self.meta.dtype}",
-                                    "rerun precompute with dtype float32")
-            self._datasets["logits"][start:stop] = stored
+        self._write_table("", start, stop, logits)
+        if view_logits is not None:
+            self._write_table(VIEW_PREFIX, start, stop, view_logits)
         for name, col in cols.items():
             self._datasets[name][start:stop] = col.astype(self._datasets[name].dtype)
         self._out.check()  # a write that failed (full disk) ends the shard here
         self.rows_written = stop
 
-    def _write_topk(self, start: int, stop: int, logits: np.ndarray) -> None:
+    def _write_table(self, prefix: str, start: int, stop: int, logits: np.ndarray) -> None:
+        """Rows ``start:stop`` of the tables named ``prefix`` + field, from float32 logits (n, [V-1,] C)."""
+        shape = logits.shape[:-1]
+        flat = logits.reshape(-1, logits.shape[-1])
+        if self.meta.topk:
+            columns = self._topk(flat)
+        else:
+            with np.errstate(over="ignore"):
+                columns = {"logits": flat.astype(self.meta.dtype)}
+        if not np.isfinite(columns["topk_logits" if self.meta.topk else "logits"]).all():
+            raise ArtifactError(f"teacher logits for {self.path} overflow {self.meta.dtype}",
+                                "rerun precompute with dtype float32")
+        for name, values in columns.items():
+            ds = self._datasets[prefix + name]
+            ds[start:stop] = values.reshape(shape + values.shape[1:]).astype(ds.dtype)
+
+    def _topk(self, logits: np.ndarray) -> dict[str, np.ndarray]:
         k = self.meta.topk
         index = np.argpartition(-logits, k - 1, axis=1)[:, :k]
         values = np.take_along_axis(logits, index, axis=1)
@@ -266,12 +305,7 @@ class ShardWriter:
         index = np.take_along_axis(index, order, axis=1)
         with np.errstate(over="ignore"):
             values = np.take_along_axis(values, order, axis=1).astype(self.meta.dtype)
-        if not np.isfinite(values).all():
-            raise ArtifactError(f"teacher logits for {self.path} overflow {self.meta.dtype}",
-                                "rerun precompute with dtype float32")
-        self._datasets["topk_logits"][start:stop] = values
-        self._datasets["topk_index"][start:stop] = index.astype(self._datasets["topk_index"].dtype)
-        self._datasets["logsumexp"][start:stop] = logsumexp_rows(logits).astype(np.float32)
+        return {"topk_logits": values, "topk_index": index, "logsumexp": logsumexp_rows(logits).astype(np.float32)}
 
     def close(self) -> None:
         """Check the row count, mark complete, fsync and rename into place."""
@@ -336,8 +370,8 @@ def write_master(out: Path, shards: list[Path], meta: StoreMeta) -> None:
                                 f"{int(attrs['num_shards'])}, rows {start}..{stop}, expected shard {i} of "
                                 f"{len(shards)} starting at row {expected_start}", REGENERATE)
         if int(attrs["num_classes"]) != meta.num_classes or int(attrs["topk"]) != meta.topk \
-                or as_str(attrs["dtype"]) != meta.dtype:
-            raise ArtifactError(f"shard {shard} has a different layout (classes/topk/dtype) than the master",
+                or as_str(attrs["dtype"]) != meta.dtype or int(attrs.get("views", 1)) != meta.views:
+            raise ArtifactError(f"shard {shard} has a different layout (classes/topk/dtype/views) than the master",
                                 REGENERATE)
         ranges.append((shard, start, stop))
         expected_start = stop

@@ -1,0 +1,184 @@
+"""Stored views: inputs that ``precompute --views K`` runs the teacher on and ``distill`` rebuilds exactly.
+
+View 0 of a row is its clean input (the evaluation transform). Views 1..K-1 are augmented inputs drawn from the
+recorded :class:`ViewPolicy`, seeded by (policy seed, row id, view) alone, so the same view is rebuilt bit for
+bit on the same machine, in any batch, by any process. For array sources the augmentation is the training one
+of :class:`~reducedmpl.data.loading.Batcher` (RandAugment on the uint8 image, then the random crop and the flip),
+drawn per image; for image folders it is timm's training transform, run with the process generators seeded per
+view.
+
+During distillation each drawn row picks one of its stored views (:func:`pick_views`, a function of the stream's
+seed, the epoch and the row id), and the student trains on exactly that input, with the teacher's target for it.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import DataConfig, parse_randaugment
+from ..errors import ArtifactError
+from .loading import Preprocess, array_inputs, seeded_process_rngs
+from .sources import Source, read_pil_image
+
+# Salts that keep the view streams apart from each other and from the batch augmentation's seeds.
+_VIEW_SALT, _PICK_SALT = 0x5EED_71E5, 0x9C4E_51A7
+_MASK64 = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+
+
+@dataclass(frozen=True)
+class ViewPolicy:
+    """How the views of a store were made; recorded in the store (``view_policy``) so they can be rebuilt."""
+
+    views: int  # V: view 0 clean, views 1..V-1 augmented
+    seed: int
+    input_size: int
+    crop_padding: int  # array sources: random-crop padding at input_size (0: none)
+    hflip: bool
+    randaugment: str | None  # e.g. "rand-m9-n2", or None
+    kind: str  # "array" (in-memory uint8 images) or "folder" (image files, timm's transform)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ViewPolicy:
+        return cls(int(d["views"]), int(d["seed"]), int(d["input_size"]), int(d["crop_padding"]), bool(d["hflip"]),
+                   d.get("randaugment") or None, str(d["kind"]))
+
+
+def make_policy(views: int, seed: int, cfg: DataConfig, prep: Preprocess, source: Source) -> ViewPolicy:
+    """The policy of a store of ``views`` views: the data's training augmentation at the teacher's input size."""
+    return ViewPolicy(int(views), int(seed), prep.input_size, int(cfg.crop_padding), bool(cfg.hflip),
+                      cfg.randaugment or None, "array" if source.images is not None else "folder")
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 arrays: a fast, well-mixed hash (wraps modulo 2**64 by design)."""
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
+        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+        return x ^ (x >> np.uint64(31))
+
+
+def _hash(*parts: Any) -> np.ndarray:
+    """One uint64 hash per element of the broadcast ``parts`` (non-negative integers)."""
+    arrays = np.broadcast_arrays(*[np.asarray(p, dtype=np.int64).astype(np.uint64) for p in parts])
+    h = np.zeros(arrays[0].shape, np.uint64)
+    for a in arrays:
+        h = _mix64(h ^ a)
+    return h
+
+
+def view_seed(policy_seed: int, row: int, view: int) -> int:
+    """The seed of view ``view`` of row ``row``: a function of these three numbers only."""
+    return int(_hash(_VIEW_SALT, policy_seed, row, view) >> np.uint64(1))  # < 2**63: a valid torch seed
+
+
+def pick_views(seed: int, epoch: int, ids: np.ndarray, views: int) -> np.ndarray:
+    """The stored view each row of ``ids`` uses in ``epoch`` of the stream seeded ``seed``: uniform over
+    0..views-1, a function of (seed, epoch, row id) only, so batch composition, worker count and resuming
+    never change it."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if views <= 1:
+        return np.zeros(ids.shape, np.int64)
+    return (_hash(_PICK_SALT, seed, epoch, ids) % np.uint64(views)).astype(np.int64)
+
+
+class ViewMaker:
+    """Rebuilds views of rows of ``source``: ``inputs(ids, views)`` gives the normalised model inputs."""
+
+    def __init__(self, source: Source, prep: Preprocess, policy: ViewPolicy):
+        if (source.images is not None) != (policy.kind == "array"):
+            raise ArtifactError(f"the stored views were made from {policy.kind} data, this data is "
+                                f"{'array' if source.images is not None else 'folder'} data",
+                                "distill with the data the store was computed on")
+        if prep.input_size != policy.input_size:
+            raise ArtifactError(f"the stored views were made at input size {policy.input_size}, the student's input "
+                                f"size is {prep.input_size}",
+                                "set data.input_size to the store's, or distill.replay_views=false")
+        self.source, self.prep, self.policy = source, prep, policy
+        self.mean = torch.tensor(prep.mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(prep.std).view(1, -1, 1, 1)
+        self.randaugment = parse_randaugment(policy.randaugment) if policy.randaugment else None
+        self._transforms: tuple[Any, Any] | None = None  # folders: (evaluation, training) transform
+
+    def inputs(self, ids: np.ndarray, views: np.ndarray) -> torch.Tensor:
+        """float32 (n, C, H, W): view ``views[i]`` of row ``ids[i]``; each image depends on its own key only."""
+        ids, views = np.asarray(ids, dtype=np.int64), np.asarray(views, dtype=np.int64)
+        if ids.shape != views.shape:
+            raise ValueError(f"{len(ids)} ids but {len(views)} views")
+        if views.size and (views.min() < 0 or views.max() >= self.policy.views):
+            raise ValueError(f"views must be in 0..{self.policy.views - 1}")
+        if len(ids) == 0:
+            size = self.prep.input_size
+            return torch.zeros(0, self.prep.in_chans, size, size)
+        if self.source.images is None:
+            return torch.stack([self.folder_item(int(r), int(v)) for r, v in zip(ids, views)])
+        return self._array_inputs(ids, views)
+
+    def _array_inputs(self, ids: np.ndarray, views: np.ndarray) -> torch.Tensor:
+        images = torch.from_numpy(np.ascontiguousarray(self.source.images[ids])).permute(0, 3, 1, 2)
+        gens = [torch.Generator().manual_seed(view_seed(self.policy.seed, int(r), int(v))) if v else None
+                for r, v in zip(ids, views)]
+        if self.randaugment is not None:
+            images = torch.stack([self._randaugment(img, g) if g is not None else img for img, g in zip(images, gens)])
+        return array_inputs(images, self.prep, self.mean, self.std, lambda x: self._crop_flip(x, gens))
+
+    def _randaugment(self, img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        from torchvision.transforms import v2
+
+        magnitude, ops = self.randaugment
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+            return v2.RandAugment(num_ops=ops, magnitude=magnitude)(img)
+
+    def _crop_flip(self, x: torch.Tensor, gens: list[torch.Generator | None]) -> torch.Tensor:
+        p, (h, w) = self.policy.crop_padding, x.shape[-2:]
+        padded = torch.nn.functional.pad(x, (p, p, p, p)) if p > 0 else x
+        out = []
+        for i, g in enumerate(gens):
+            if g is None:  # view 0: the clean input
+                out.append(x[i])
+                continue
+            img = x[i]
+            if p > 0:
+                oy, ox = torch.randint(0, 2 * p + 1, (2,), generator=g).tolist()
+                img = padded[i, :, oy:oy + h, ox:ox + w]
+            if self.policy.hflip and bool(torch.rand(1, generator=g) < 0.5):
+                img = img.flip(-1)
+            out.append(img)
+        return torch.stack(out)
+
+    def folder_item(self, row: int, view: int) -> torch.Tensor:
+        """One folder image's view: the evaluation transform for view 0, else timm's training transform seeded
+        by the view (channels matched to the model)."""
+        from .loading import match_channels
+
+        if self._transforms is None:
+            self._transforms = folder_transforms(self.prep, self.policy)
+        img = read_pil_image(self.source.files[row], "RGB")
+        if view == 0:
+            x = self._transforms[0](img)
+        else:
+            with seeded_process_rngs(view_seed(self.policy.seed, row, view)):
+                x = self._transforms[1](img)
+        return match_channels(x[None], self.prep.in_chans)[0]
+
+
+def folder_transforms(prep: Preprocess, policy: ViewPolicy) -> tuple[Any, Any]:
+    """timm's evaluation and training transforms for folder views."""
+    from timm.data import create_transform
+
+    aa = None
+    if policy.randaugment:
+        m, n = parse_randaugment(policy.randaugment)
+        aa = f"rand-m{m}-n{n}"
+    common = {"mean": prep.mean, "std": prep.std, "interpolation": "bilinear"}
+    return (create_transform(prep.input_size, is_training=False, **common),
+            create_transform(prep.input_size, is_training=True, auto_augment=aa, hflip=0.5 if policy.hflip else 0.0,
+                             **common))
+

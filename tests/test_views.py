@@ -1,0 +1,253 @@
+"""Stored views: ``precompute --views K`` and their exact replay in ``distill``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import cli, write_store
+from test_targets import BIG, NONE, log_softmax, make_meta
+
+from reducedmpl.data import views as views_mod
+from reducedmpl.data.loading import Batcher
+from reducedmpl.data.views import ViewMaker, ViewPolicy, pick_views, view_seed
+from reducedmpl.targets import TargetStore, target_bytes_per_row
+from reducedmpl.targets.reader import topk_log_probs
+
+POLICY = {"views": 4, "seed": 0, "input_size": 8, "crop_padding": 2, "hflip": False, "randaugment": None,
+          "kind": "array"}
+
+
+# ---------------------------------------------------------------------------------------------- the store
+def write_view_store(folder: Path, views: int = 4, num_rows: int = 120, num_classes: int = 12, **meta):
+    rng = np.random.default_rng(3)
+    m = make_meta(num_classes, views=views, view_policy={**POLICY, "views": views}, **meta)
+    logits = (rng.standard_normal((num_rows, num_classes)) * 3).astype(np.float32)
+    view_logits = (rng.standard_normal((num_rows, views - 1, num_classes)) * 3).astype(np.float32)
+    ids = (rng.permutation(num_rows) * 3 + 1).astype(np.int64)
+    splits = (np.arange(num_rows) % 4).astype(np.uint8)
+    labels = np.where(splits == 1, -1, logits.argmax(1)).astype(np.int64)
+    write_store(folder / "targets.h5", m, ids, labels, splits, logits, 2, 32, view_logits if views > 1 else None)
+    return folder / "targets.h5", ids, np.concatenate([logits[:, None], view_logits], axis=1)
+
+
+@pytest.mark.parametrize("budget", [BIG, NONE])
+def test_each_row_reads_the_target_of_its_own_view(tmp_path: Path, budget: int) -> None:
+    master, ids, all_views = write_view_store(tmp_path)
+    rng = np.random.default_rng(0)
+    rows = rng.choice(len(ids), 50, replace=True)  # repeats: the same row with two views in one batch
+    views = rng.integers(0, 4, 50)
+    with TargetStore.open(master, memory_budget_bytes=budget) as store:
+        assert store.views == 4 and store.in_memory == (budget == BIG)
+        got = store.logits(ids[rows], views=views)
+        assert np.array_equal(got, all_views[rows, views])
+        np.testing.assert_allclose(store.log_probs(ids[rows], views=views), log_softmax(all_views[rows, views]),
+                                   atol=1e-5)
+        assert np.array_equal(store.logits(ids[rows]), all_views[rows, 0])  # no views: the clean view 0
+        with pytest.raises(ValueError, match="views must be in 0..3"):
+            store.log_probs(ids[:2], views=[0, 4])
+        with pytest.raises(ValueError, match="3 views for 2 ids"):
+            store.log_probs(ids[:2], views=[0, 1, 2])
+
+
+def test_topk_views_keep_each_views_top_k(tmp_path: Path) -> None:
+    master, ids, all_views = write_view_store(tmp_path, views=3, dtype="float32", topk=4)
+    with h5py.File(master) as f:
+        assert f["view_topk_logits"].shape == (120, 2, 4) and f["view_logsumexp"].shape == (120, 2)
+    views = np.arange(len(ids)) % 3
+    with TargetStore.open(master, memory_budget_bytes=NONE) as store:
+        got = store.log_probs(ids, views=views)
+    chosen = all_views[np.arange(len(ids)), views]
+    top = np.argsort(-chosen, axis=1)[:, :4]
+    values = np.take_along_axis(chosen, top, axis=1)
+    lse = np.log(np.exp(chosen.astype(np.float64)).sum(1))
+    np.testing.assert_allclose(got, topk_log_probs(values, top, lse, 12, 1.0), atol=1e-2)  # float32 logsumexp
+    np.testing.assert_allclose(np.take_along_axis(got, top, 1), values - lse[:, None], atol=1e-5)
+    np.testing.assert_array_equal(got.argmax(1), chosen.argmax(1))
+
+
+def test_writer_needs_exactly_the_views_the_store_has(tmp_path: Path) -> None:
+    from reducedmpl.targets import ShardWriter
+
+    meta = make_meta(5, views=3, view_policy={**POLICY, "views": 3})
+    with pytest.raises(ValueError, match="pass view_logits exactly when"):
+        with ShardWriter(tmp_path / "s.h5", meta, 2, 0, 1, 0) as w:
+            w.append(np.arange(2), np.zeros(2), np.zeros(2), np.zeros((2, 5)))
+    with pytest.raises(ValueError, match=r"view_logits must have shape \(2, 2, 5\)"):
+        with ShardWriter(tmp_path / "s.h5", meta, 2, 0, 1, 0) as w:
+            w.append(np.arange(2), np.zeros(2), np.zeros(2), np.zeros((2, 5)), np.zeros((2, 3, 5)))
+    assert not list(tmp_path.iterdir())  # nothing half-written is left
+    with pytest.raises(ValueError, match="must record the view policy"):
+        make_meta(5, views=3).validate()
+
+
+def test_a_version_1_store_reads_as_one_view(tmp_path: Path) -> None:
+    """Stores written before views keep working: no views attributes, schema 1, one view."""
+    master, ids, all_views = write_view_store(tmp_path, views=1)
+    with h5py.File(master, "r+") as f:
+        assert "view_logits" not in f
+        f.attrs["schema_version"] = 1
+        del f.attrs["views"], f.attrs["view_policy"]
+    with TargetStore.open(master) as store:
+        assert store.views == 1 and store.meta.view_policy == {}
+        assert np.array_equal(store.logits(ids, views=np.zeros(len(ids), int)), all_views[:, 0])
+
+
+def test_target_bytes_per_row_is_what_the_file_holds(tmp_path: Path) -> None:
+    for classes, views, topk in ((10, 1, 0), (10, 8, 0), (1000, 32, 0), (1000, 8, 5)):
+        meta = make_meta(classes, views=views, view_policy={**POLICY, "views": views}, dtype="float16", topk=topk)
+        expected = views * (classes * 2 if not topk else topk * (2 + 2) + 4)
+        assert target_bytes_per_row(meta) == expected
+    sizes = {}
+    for views in (1, 8):
+        master, *_ = write_view_store(tmp_path / str(views), views=views, num_rows=2000, num_classes=10,
+                                      dtype="float16")
+        sizes[views] = sum(p.stat().st_size for p in master.parent.iterdir())
+    per_row = (sizes[8] - sizes[1]) / 2000
+    assert per_row == pytest.approx(7 * 10 * 2, rel=0.15)  # the 7 extra views' float16 logits, chunk overhead aside
+
+
+# ---------------------------------------------------------------------------------------------- the views
+def test_pick_views_depends_on_seed_epoch_and_row_only() -> None:
+    ids = np.arange(5000)
+    a = pick_views(3, 1, ids, 8)
+    assert a.min() == 0 and a.max() == 7
+    assert np.abs(np.bincount(a, minlength=8) / 5000 - 1 / 8).max() < 0.02  # uniform
+    assert np.array_equal(a[::-1], pick_views(3, 1, ids[::-1], 8))  # the batch around a row does not matter
+    assert (a != pick_views(3, 2, ids, 8)).mean() > 0.8 and (a != pick_views(4, 1, ids, 8)).mean() > 0.8
+    assert not pick_views(3, 1, ids, 1).any()
+    assert view_seed(0, 5, 1) != view_seed(0, 5, 2) != view_seed(1, 5, 1)
+
+
+def _maker(policy: dict, seed: int = 0):
+    from reducedmpl.config import DataConfig
+    from reducedmpl.data.setup import setup_data
+
+    data = setup_data(DataConfig(source="digits"))
+    return ViewMaker(data.source, data.prep, ViewPolicy.from_dict({**policy, "seed": seed})), data
+
+
+@pytest.mark.parametrize("randaugment", [None, "rand-m9-n2"])
+def test_a_view_is_the_same_in_any_batch(randaugment) -> None:
+    maker, data = _maker({**POLICY, "randaugment": randaugment})
+    ids, views = np.arange(40), np.arange(40) % 4
+    whole = maker.inputs(ids, views)
+    order = np.random.default_rng(0).permutation(40)
+    assert torch.equal(maker.inputs(ids[order], views[order]), whole[order])
+    assert torch.equal(torch.cat([maker.inputs(ids[i:i + 3], views[i:i + 3]) for i in range(0, 40, 3)]), whole)
+    clean = Batcher(data.source, ids, data.prep, data.config, batch_size=64, train=False, seed=0).batch(0, 0)[0]
+    assert torch.equal(whole[views == 0], clean[views == 0])  # view 0 is the evaluation input
+    augmented = whole[views > 0]
+    assert not torch.equal(augmented, clean[views > 0])
+    other, _ = _maker({**POLICY, "randaugment": randaugment}, seed=1)
+    assert not torch.equal(other.inputs(ids, views)[views > 0], augmented)  # the policy seed matters
+
+
+def test_views_refuse_another_input_size() -> None:
+    from reducedmpl.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match="input size 16.*replay_views=false"):
+        _maker({**POLICY, "input_size": 16})
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def recorded_views(tiny_teacher, tmp_path_factory):
+    """A 4-view float32 store of the tiny teacher, and every input the teacher ran on for views 1..3."""
+    seen: dict[tuple[int, int], torch.Tensor] = {}
+    original = views_mod.ViewMaker.inputs
+
+    def recording(self, ids, views):
+        x = original(self, ids, views)
+        for i, (r, v) in enumerate(zip(np.asarray(ids).tolist(), np.asarray(views).tolist())):
+            seen[(r, v)] = x[i].clone()
+        return x
+
+    out = tmp_path_factory.mktemp("views") / "targets.h5"
+    mp = pytest.MonkeyPatch()
+    mp.setattr(views_mod.ViewMaker, "inputs", recording)
+    try:
+        cli("precompute", "--teacher", tiny_teacher, "--out", out, "--dtype", "float32", "--views", "4",
+            "--batch-size", "50", "--quiet")
+    finally:
+        mp.undo()
+    return out, seen
+
+
+def test_replay_rebuilds_the_teachers_inputs_bit_for_bit(tiny_teacher, recorded_views) -> None:
+    from reducedmpl.config import stage_config
+    from reducedmpl.data.setup import setup_data
+    from reducedmpl.models import load_artifact, model_from_artifact
+    from reducedmpl.stages.distill import Distiller, open_store, resolve_data
+
+    out, seen = recorded_views
+    cfg = stage_config("distill", flags={"mode": "kd", "steps": 3, "device": "cpu", "unlabeled_batch_size": 64})
+    store = open_store(out, 64)
+    assert store.views == 4
+    d = Distiller(cfg, setup_data(resolve_data(cfg, store)), store, torch.device("cpu"))
+    teacher = model_from_artifact(load_artifact(tiny_teacher, "teacher")).eval()
+    checked = 0
+    for _ in range(3):
+        x, _, ids = d.unlabeled.next()
+        views = d.unlabeled.views(ids)
+        assert views is not None and len(set(views.tolist())) > 1
+        for i, (r, v) in enumerate(zip(ids.tolist(), views.tolist())):
+            if v:
+                assert torch.equal(x[i], seen[(r, v)]), (r, v)  # the very input the teacher saw
+                checked += 1
+        with torch.no_grad():
+            logits = teacher(x).numpy()
+        np.testing.assert_allclose(logits, store.logits(ids.numpy(), views=views), rtol=1e-4, atol=1e-4)
+    state = d.unlabeled.state_dict()
+    x, _, ids = d.unlabeled.next()
+    views = d.unlabeled.views(ids)
+    d.unlabeled.load_state_dict(state)
+    b = d.batch(d.method.needs)  # what a step gets: the same inputs, each row with its own view's q_L
+    assert torch.equal(b.x_u, x)
+    torch.testing.assert_close(b.log_q_u, torch.from_numpy(store.log_probs(ids.numpy(), views=views)))
+    assert checked > 100
+    store.close()
+
+
+def test_distill_on_views_runs_and_can_turn_replay_off(recorded_views, tmp_path: Path) -> None:
+    import json
+
+    out, _ = recorded_views
+    for replay in ("true", "false"):
+        cli("distill", "--targets", out, "--mode", "reducedmpl", "--steps", "4", "--set", "distill.batch_size=8",
+            "--set", "distill.unlabeled_batch_size=16", "--set", f"distill.replay_views={replay}",
+            "--out", tmp_path / replay, "--quiet")
+        assert json.loads((tmp_path / replay / "result.json").read_text())["steps"] == 4
+    reported = cli("inspect", out, "--no-latency").stdout
+    assert "4 views (crop 2; seed 0)" in reported
+
+
+# ---------------------------------------------------------------------------------------------- the pseudo-label pool
+def test_pseudo_pool_unlabeled_keeps_the_labeled_rows_out(tiny_targets) -> None:
+    from reducedmpl.config import stage_config
+    from reducedmpl.data.setup import setup_data
+    from reducedmpl.stages.distill import Distiller, open_store, resolve_data
+
+    store = open_store(tiny_targets, 64)
+    pools = {}
+    for pool in ("all", "unlabeled"):
+        cfg = stage_config("distill", flags={"mode": "kd", "steps": 2, "device": "cpu", "pseudo_pool": pool})
+        data = setup_data(resolve_data(cfg, store))
+        pools[pool] = set(Distiller(cfg, data, store, torch.device("cpu")).unlabeled.batcher.indices.tolist())
+    rows = data.splits.indices
+    assert pools["all"] == set(rows["labeled"].tolist()) | set(rows["unlabeled"].tolist())
+    assert pools["unlabeled"] == set(rows["unlabeled"].tolist())
+    store.close()
+
+
+def test_pseudo_pool_unlabeled_needs_unlabeled_rows(tiny_targets, runner, tmp_path: Path) -> None:
+    from conftest import assert_one_line_error
+    from reducedmpl.cli import app
+
+    result = runner.invoke(app, ["distill", "--targets", str(tiny_targets), "--mode", "kd", "--steps", "2",
+                                 "--set", "distill.pseudo_pool=unlabeled", "--set", "distill.data.labeled_per_class=null",
+                                 "--set", "distill.data.labeled_fraction=1", "--out", str(tmp_path / "d")])
+    assert_one_line_error(result, "no unlabeled rows", "pseudo_pool=all")
