@@ -74,7 +74,7 @@ def worker(args) -> dict:
     views = args.views if args.worker == "kd-views" else 1
     view_logits = rng.normal(size=(n, views, c)).astype(np.float32) * 3
     policy = {"views": views, "seed": 0, "input_size": args.size, "crop_padding": 2, "hflip": True,
-              "randaugment": None, "kind": "array"}
+              "randaugment": None, "kind": "array", "rebuild": 1}
 
     class MemoryStore:  # what TargetStore.log_probs returns, from memory (with K views for kd-views)
         meta = types.SimpleNamespace(view_policy=policy)

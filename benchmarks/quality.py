@@ -41,6 +41,18 @@ the best, hence the extra default variant. Control (seed 0): student on argmax(q
         supervised kd exact:mpl_weight=0 exact:mpl_weight=10 exact:supervised_weight=0    # a strong teacher
     python benchmarks/quality.py --out runs/quality --seeds 0 --variants exact:mpl_weight=1 \\
         exact:mpl_weight=3 --tag sweep                                    # a tuning sweep (read val only)
+
+Stored views against the consistent teacher (strong teacher, 300 steps; with and without RandAugment; the
+paper's regime of a large labeled set):
+
+    V="kd kd:views=8 online-kd exact:mpl_weight=0 exact:mpl_weight=0,views=8 exact:mpl_weight=1 \\
+       exact:mpl_weight=1,views=8"
+    python benchmarks/quality.py --out runs/quality-views --teacher-labels-per-class 100 --steps 300 \\
+        --eval-every 100 --variants $V --tag strong-300
+    python benchmarks/quality.py --out runs/quality-views-ra --randaugment rand-m9-n2 \\
+        --teacher-labels-per-class 100 --steps 300 --eval-every 100 --variants $V --tag strong-300-ra
+    python benchmarks/quality.py --out runs/quality-paper --labels-per-class 100 --teacher-labels-per-class 100 \\
+        --steps 300 --eval-every 100 --variants $V --tag paper-300
 """
 from __future__ import annotations
 

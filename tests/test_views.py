@@ -18,7 +18,7 @@ from reducedmpl.targets import TargetStore, target_bytes_per_row
 from reducedmpl.targets.reader import topk_log_probs
 
 POLICY = {"views": 4, "seed": 0, "input_size": 8, "crop_padding": 2, "hflip": False, "randaugment": None,
-          "kind": "array"}
+          "kind": "array", "rebuild": views_mod.REBUILD}
 
 
 # ---------------------------------------------------------------------------------------------- the store
@@ -130,9 +130,9 @@ def _maker(policy: dict, seed: int = 0):
     return ViewMaker(data.source, data.prep, ViewPolicy.from_dict({**policy, "seed": seed})), data
 
 
-@pytest.mark.parametrize("randaugment", [None, "rand-m9-n2"])
-def test_a_view_is_the_same_in_any_batch(randaugment) -> None:
-    maker, data = _maker({**POLICY, "randaugment": randaugment})
+@pytest.mark.parametrize("randaugment,hflip", [(None, False), (None, True), ("rand-m9-n2", True)])
+def test_a_view_is_the_same_in_any_batch(randaugment, hflip) -> None:
+    maker, data = _maker({**POLICY, "randaugment": randaugment, "hflip": hflip})
     ids, views = np.arange(40), np.arange(40) % 4
     whole = maker.inputs(ids, views)
     order = np.random.default_rng(0).permutation(40)
@@ -142,15 +142,31 @@ def test_a_view_is_the_same_in_any_batch(randaugment) -> None:
     assert torch.equal(whole[views == 0], clean[views == 0])  # view 0 is the evaluation input
     augmented = whole[views > 0]
     assert not torch.equal(augmented, clean[views > 0])
-    other, _ = _maker({**POLICY, "randaugment": randaugment}, seed=1)
+    other, _ = _maker({**POLICY, "randaugment": randaugment, "hflip": hflip}, seed=1)
     assert not torch.equal(other.inputs(ids, views)[views > 0], augmented)  # the policy seed matters
 
 
-def test_views_refuse_another_input_size() -> None:
+def test_views_refuse_another_input_size_or_rebuild_scheme() -> None:
     from reducedmpl.errors import ArtifactError
 
     with pytest.raises(ArtifactError, match="input size 16.*replay_views=false"):
         _maker({**POLICY, "input_size": 16})
+    with pytest.raises(ArtifactError, match="rebuild scheme 0, this reducedmpl rebuilds scheme 1"):
+        _maker({k: v for k, v in POLICY.items() if k != "rebuild"})
+
+
+def test_crops_and_flips_cover_their_range() -> None:
+    """Every offset in 0..2p and both flips occur, evenly; view 0 is the image itself."""
+    maker, data = _maker({**POLICY, "hflip": True, "views": 64})
+    x = torch.arange(64, dtype=torch.float32).view(1, 1, 8, 8).expand(2000, 1, 8, 8)
+    ids, views = np.arange(2000), np.arange(2000) % 64
+    out = maker._crop_flip(x, ids, views)
+    assert torch.equal(out[views == 0], x[views == 0])
+    flipped = out[:, 0, 3, 2] > out[:, 0, 3, 5]  # the ramp runs the other way (columns inside any crop)
+    assert 0.4 < flipped[views > 0].float().mean() < 0.6 and not flipped[views == 0].any()
+    # unflipped: pixel (2, 2) of the crop at offset (oy, ox) of the 2-padded image is the image's (oy, ox)
+    corner = out[(views > 0) & ~flipped.numpy(), 0, 2, 2].long()
+    assert set(corner.tolist()) == {8 * oy + ox for oy in range(5) for ox in range(5)}
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -251,3 +267,55 @@ def test_pseudo_pool_unlabeled_needs_unlabeled_rows(tiny_targets, runner, tmp_pa
                                  "--set", "distill.pseudo_pool=unlabeled", "--set", "distill.data.labeled_per_class=null",
                                  "--set", "distill.data.labeled_fraction=1", "--out", str(tmp_path / "d")])
     assert_one_line_error(result, "no unlabeled rows", "pseudo_pool=all")
+
+
+# ---------------------------------------------------------------------------------------------- image folders
+def test_folder_views_are_rebuilt_exactly_in_any_batch_and_worker(tmp_path: Path) -> None:
+    """Folder views come from timm's training transform seeded per (row, view); the training batcher replays
+    them the same in the main process and in DataLoader workers, and precompute stored the teacher's logits on
+    exactly those inputs."""
+    import timm
+
+    from test_folder_loading import RANDAUG, write_folder
+    from reducedmpl.config import DataConfig
+    from reducedmpl.data.loading import default_preprocess
+    from reducedmpl.data.sources import load_source
+
+    root = write_folder(tmp_path / "data", per_class=6)
+    src = load_source(f"folder:{root}")
+    cfg = DataConfig(source=f"folder:{root}", randaugment=RANDAUG, input_size=16, val_size=0, test_size=0)
+    rows = np.arange(len(src))
+    prep = default_preprocess(src, rows, cfg)
+    maker = ViewMaker(src, prep, views_mod.make_policy(3, 5, cfg, prep, src))
+    ids, views = np.repeat(rows[:6], 3), np.tile(np.arange(3), 6)
+    x = maker.inputs(ids, views)
+    assert torch.equal(maker.inputs(ids[::-1], views[::-1]), x.flip(0))
+    clean = Batcher(src, rows[:6], prep, cfg, batch_size=6, train=False, seed=0).batch(0, 0)[0]
+    assert torch.equal(x[views == 0], clean) and not torch.equal(x[views == 1], clean)
+
+    def replayed(workers: int):
+        b = Batcher(src, rows, prep, DataConfig(**{**cfg.__dict__, "num_workers": workers}), batch_size=6,
+                    train=True, seed=2, drop_last=True, replay=maker)
+        return [(xb, ib) for xb, _, ib in b.epoch(0)], b
+
+    main, b = replayed(0)
+    for (xa, ia), (xb, ib) in zip(main, replayed(1)[0]):
+        assert torch.equal(ia, ib) and torch.equal(xa, xb)
+    xa, ia = main[0]
+    assert torch.equal(xa, maker.inputs(ia.numpy(), b.views_of(0, ia.numpy())))
+
+    weights = tmp_path / "w.pt"
+    torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), weights)
+    out = tmp_path / "store" / "targets.h5"
+    cli("precompute", "--model", "test_resnet", "--checkpoint", weights, "--data", f"folder:{root}", "--set",
+        "data.val_size=0", "--set", "data.test_size=0", "--set", "data.input_size=16", "--set",
+        f"data.randaugment={RANDAUG}", "--splits", "labeled", "--views", "3", "--set", "view_seed=5",
+        "--dtype", "float32", "--out", out, "--quiet")
+    with TargetStore.open(out) as store:
+        policy = ViewPolicy.from_dict(store.meta.view_policy)
+        assert policy.kind == "folder" and policy.views == 3 and policy.seed == 5
+        model = timm.create_model("test_resnet", num_classes=3)
+        model.load_state_dict(torch.load(weights, weights_only=True))
+        with torch.no_grad():
+            logits = model.eval()(ViewMaker(src, prep, policy).inputs(ids, views)).numpy()
+        np.testing.assert_allclose(store.logits(ids, views=views), logits, rtol=1e-4, atol=1e-4)

@@ -24,7 +24,10 @@ from .loading import Preprocess, array_inputs, seeded_process_rngs
 from .sources import Source, read_pil_image
 
 # Salts that keep the view streams apart from each other and from the batch augmentation's seeds.
-_VIEW_SALT, _PICK_SALT = 0x5EED_71E5, 0x9C4E_51A7
+_VIEW_SALT, _PICK_SALT, _CROP_SALT = 0x5EED_71E5, 0x9C4E_51A7, 0xC409_F11B
+# How a view is rebuilt from its seed; a store records it, and one made another way is refused (its views could
+# not be rebuilt exactly).
+REBUILD = 1
 _MASK64 = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
 
 
@@ -39,14 +42,22 @@ class ViewPolicy:
     hflip: bool
     randaugment: str | None  # e.g. "rand-m9-n2", or None
     kind: str  # "array" (in-memory uint8 images) or "folder" (image files, timm's transform)
+    rebuild: int = REBUILD
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ViewPolicy:
+        """The policy a store records; refused when its views were made in a way this version cannot rebuild."""
+        rebuild = int(d.get("rebuild", 0))
+        if rebuild != REBUILD:
+            raise ArtifactError(f"the store's views were made with view rebuild scheme {rebuild}, this reducedmpl "
+                                f"rebuilds scheme {REBUILD}",
+                                "rerun `reducedmpl precompute --views` with this reducedmpl (or "
+                                "distill.replay_views=false)")
         return cls(int(d["views"]), int(d["seed"]), int(d["input_size"]), int(d["crop_padding"]), bool(d["hflip"]),
-                   d.get("randaugment") or None, str(d["kind"]))
+                   d.get("randaugment") or None, str(d["kind"]), rebuild)
 
 
 def make_policy(views: int, seed: int, cfg: DataConfig, prep: Preprocess, source: Source) -> ViewPolicy:
@@ -74,7 +85,8 @@ def _hash(*parts: Any) -> np.ndarray:
 
 
 def view_seed(policy_seed: int, row: int, view: int) -> int:
-    """The seed of view ``view`` of row ``row``: a function of these three numbers only."""
+    """The seed of view ``view`` of row ``row`` (RandAugment's, timm's transform's): a function of these three
+    numbers only. The crop and flip of an array view are drawn from the same numbers by hashing."""
     return int(_hash(_VIEW_SALT, policy_seed, row, view) >> np.uint64(1))  # < 2**63: a valid torch seed
 
 
@@ -122,36 +134,43 @@ class ViewMaker:
 
     def _array_inputs(self, ids: np.ndarray, views: np.ndarray) -> torch.Tensor:
         images = torch.from_numpy(np.ascontiguousarray(self.source.images[ids])).permute(0, 3, 1, 2)
-        gens = [torch.Generator().manual_seed(view_seed(self.policy.seed, int(r), int(v))) if v else None
-                for r, v in zip(ids, views)]
-        if self.randaugment is not None:
-            images = torch.stack([self._randaugment(img, g) if g is not None else img for img, g in zip(images, gens)])
-        return array_inputs(images, self.prep, self.mean, self.std, lambda x: self._crop_flip(x, gens))
+        if self.randaugment is not None and views.any():
+            images = self._randaugment(images, ids, views)
+        return array_inputs(images, self.prep, self.mean, self.std, lambda x: self._crop_flip(x, ids, views))
 
-    def _randaugment(self, img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def _randaugment(self, images: torch.Tensor, ids: np.ndarray, views: np.ndarray) -> torch.Tensor:
+        """RandAugment of each augmented view, from the global generator seeded by the view (the global state is
+        put back once for the batch)."""
         from torchvision.transforms import v2
 
         magnitude, ops = self.randaugment
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
-            return v2.RandAugment(num_ops=ops, magnitude=magnitude)(img)
-
-    def _crop_flip(self, x: torch.Tensor, gens: list[torch.Generator | None]) -> torch.Tensor:
-        p, (h, w) = self.policy.crop_padding, x.shape[-2:]
-        padded = torch.nn.functional.pad(x, (p, p, p, p)) if p > 0 else x
+        aug = v2.RandAugment(num_ops=ops, magnitude=magnitude)
         out = []
-        for i, g in enumerate(gens):
-            if g is None:  # view 0: the clean input
-                out.append(x[i])
-                continue
-            img = x[i]
-            if p > 0:
-                oy, ox = torch.randint(0, 2 * p + 1, (2,), generator=g).tolist()
-                img = padded[i, :, oy:oy + h, ox:ox + w]
-            if self.policy.hflip and bool(torch.rand(1, generator=g) < 0.5):
-                img = img.flip(-1)
-            out.append(img)
+        with torch.random.fork_rng(devices=[]):
+            for img, r, v in zip(images, ids.tolist(), views.tolist()):
+                if v:
+                    torch.manual_seed(view_seed(self.policy.seed, r, v))
+                    img = aug(img)
+                out.append(img)
         return torch.stack(out)
+
+    def _crop_flip(self, x: torch.Tensor, ids: np.ndarray, views: np.ndarray) -> torch.Tensor:
+        """The random crop (offsets in 0..2p) and flip of every augmented view, for the whole batch at once; view 0
+        is cropped at the centre (offset p: the clean image itself) and never flipped."""
+        p, (n, _, h, w) = self.policy.crop_padding, x.shape
+        augmented = views > 0
+        if p > 0:
+            span = np.uint64(2 * p + 1)
+            oy = np.where(augmented, _hash(_CROP_SALT, self.policy.seed, ids, views, 1) % span, p).astype(np.int64)
+            ox = np.where(augmented, _hash(_CROP_SALT, self.policy.seed, ids, views, 2) % span, p).astype(np.int64)
+            padded = torch.nn.functional.pad(x, (p, p, p, p))
+            ys = torch.from_numpy(oy)[:, None] + torch.arange(h)
+            xs = torch.from_numpy(ox)[:, None] + torch.arange(w)
+            x = padded[torch.arange(n)[:, None, None], :, ys[:, :, None], xs[:, None, :]].permute(0, 3, 1, 2)
+        if self.policy.hflip:
+            flip = augmented & (_hash(_CROP_SALT, self.policy.seed, ids, views, 3) & np.uint64(1)).astype(bool)
+            x = torch.where(torch.from_numpy(flip).view(-1, 1, 1, 1), x.flip(-1), x)
+        return x
 
     def folder_item(self, row: int, view: int) -> torch.Tensor:
         """One folder image's view: the evaluation transform for view 0, else timm's training transform seeded
