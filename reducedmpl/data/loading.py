@@ -16,7 +16,7 @@ import warnings
 import weakref
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from ..config import DataConfig, parse_randaugment
 from ..distributed import Dist, rank_slice
 from ..errors import DataError
 from .sources import Source, read_pil_image
+
+if TYPE_CHECKING:
+    from .views import ViewMaker
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -117,7 +120,7 @@ class Batcher:
 
     def __init__(self, source: Source, indices: np.ndarray, prep: Preprocess, cfg: DataConfig, *,
                  batch_size: int, train: bool, seed: int, drop_last: bool = False, dist: Dist | None = None,
-                 replay: Any = None):
+                 replay: ViewMaker | None = None):
         if len(indices) == 0:
             raise DataError("a split used for training or evaluation is empty", "check the data split sizes")
         self.source, self.indices, self.prep, self.cfg = source, np.asarray(indices), prep, cfg
@@ -127,7 +130,7 @@ class Batcher:
         self.mean = torch.tensor(prep.mean).view(1, -1, 1, 1)
         self.std = torch.tensor(prep.std).view(1, -1, 1, 1)
         self.randaugment = parse_randaugment(cfg.randaugment) if (train and cfg.randaugment) else None
-        # replay: a views.ViewMaker; each row then uses one of its stored views (views.pick_views) as its input
+        # replay: each row then uses one of its stored views (views.pick_views) as its input
         self.replay = replay
         self._arrays = _ImageTensor(source, self.indices) if source.images is not None else None
         self._folder = None if source.images is not None else _FolderItems(source, self.indices, prep, cfg, train,
@@ -252,7 +255,7 @@ class _FolderItems(torch.utils.data.Dataset):
     """
 
     def __init__(self, source: Source, indices: np.ndarray, prep: Preprocess, cfg: DataConfig, train: bool,
-                 seed: int, replay: Any = None):
+                 seed: int, replay: ViewMaker | None = None):
         from timm.data import create_transform
 
         self.source, self.indices, self.seed, self.train, self.replay = source, indices, seed, train, replay

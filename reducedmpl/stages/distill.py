@@ -8,8 +8,9 @@ targets store.
 
 The pseudo-label batch is drawn from all training rows (unlabeled and labeled; ``pseudo_pool=unlabeled``: the
 unlabeled ones only); the labeled batch from the labeled rows. With a store of several views each drawn row
-trains on one of its stored views, rebuilt exactly, with that view's q_L (:mod:`reducedmpl.data.views`). All randomness is a function of the seed, and ``last.pt`` holds every state, so ``--resume``
-reproduces an uninterrupted run.
+trains on one of its stored views, rebuilt exactly, with that view's q_L (:mod:`reducedmpl.data.views`). All
+randomness is a function of the seed, and ``last.pt`` holds every state, so ``--resume`` reproduces an
+uninterrupted run.
 """
 from __future__ import annotations
 
@@ -94,7 +95,8 @@ class Distiller:
             self.ema = ModelEmaV3(model, decay=cfg.ema_decay)
         self.method: Step = build_step(cfg, self.student, self.teacher, **({"large": large} if large else {}))
         self.finetune = FinetuneStep(cfg, self.student)
-        pool = rows["unlabeled"] if cfg.pseudo_pool == "unlabeled" else np.union1d(rows["labeled"], rows["unlabeled"])
+        pool = rows["unlabeled"] if cfg.pseudo_pool == "unlabeled" else np.union1d(rows["labeled"],
+                                                                                     rows["unlabeled"])
         replay = view_replay(cfg, data, store, self.method.needs)
         self.labeled = BatchStream(Batcher(src, rows["labeled"], prep, data.config, batch_size=cfg.batch_size,
                                            train=True, seed=cfg.seed, drop_last=True, dist=dist, replay=replay))
