@@ -43,7 +43,7 @@ the best, hence the extra default variant. Control (seed 0): student on argmax(q
         exact:mpl_weight=3 --tag sweep                                    # a tuning sweep (read val only)
 
 Stored views against the consistent teacher (strong teacher, 300 steps; with and without RandAugment; the
-paper's regime of a large labeled set):
+paper's regime of a large labeled set; the weak teacher):
 
     V="kd kd:views=8 online-kd exact:mpl_weight=0 exact:mpl_weight=0,views=8 exact:mpl_weight=1 \\
        exact:mpl_weight=1,views=8"
@@ -53,6 +53,9 @@ paper's regime of a large labeled set):
         --teacher-labels-per-class 100 --steps 300 --eval-every 100 --variants $V --tag strong-300-ra
     python benchmarks/quality.py --out runs/quality-paper --labels-per-class 100 --teacher-labels-per-class 100 \\
         --steps 300 --eval-every 100 --variants $V --tag paper-300
+    python benchmarks/quality.py --out runs/quality-weak --steps 300 --eval-every 100 --variants $V --tag weak-300
+    # and each of the last two with --randaugment rand-m9-n2 and its own --out (a `large` folder linked to the
+    # one above reuses the teacher)
 """
 from __future__ import annotations
 
