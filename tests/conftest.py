@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,12 @@ from typer.testing import CliRunner
 torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parents[1]
 MNIST_DIR = REPO.parent / "shared" / "data" / "mnist-t10k"
+
+# A test process started with SIGINT ignored (under nohup, or as `cmd &` in a script) keeps it ignored, and the tool
+# deliberately leaves an ignored SIGINT alone; the tests send real Ctrl-Cs, so they restore Python's own handler
+# (their subprocesses then start with the default disposition too).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
