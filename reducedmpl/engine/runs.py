@@ -14,7 +14,9 @@ from ..errors import UserError, writing
 from ..files import write_text
 
 
-RUN_FILES = ("last.pt", "best.pt", "config.yaml", "metrics.jsonl", "reduced_teacher.pt", "probes.json", "result.json")
+# The files a run folder holds beside its artifact (cost.json: the artifact's measured cost, cached by the report).
+RUN_FILES = ("last.pt", "best.pt", "config.yaml", "metrics.jsonl", "reduced_teacher.pt", "probes.json", "result.json",
+             "cost.json")
 
 
 def prepare_out_dir(out: str | Path, artifact: str, resume: bool, overwrite: bool) -> Path:
