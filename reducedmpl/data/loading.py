@@ -48,6 +48,10 @@ class Preprocess:
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
 
+    def norm_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std as (1, C, 1, 1) tensors, for :func:`array_inputs`."""
+        return torch.tensor(self.mean).view(1, -1, 1, 1), torch.tensor(self.std).view(1, -1, 1, 1)
+
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
         return cls(int(d["in_chans"]), int(d["input_size"]), tuple(d["mean"]), tuple(d["std"]))
@@ -127,8 +131,7 @@ class Batcher:
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.dist = dist or Dist()
         self.drop_last = drop_last and len(indices) >= batch_size
-        self.mean = torch.tensor(prep.mean).view(1, -1, 1, 1)
-        self.std = torch.tensor(prep.std).view(1, -1, 1, 1)
+        self.mean, self.std = prep.norm_tensors()
         self.randaugment = parse_randaugment(cfg.randaugment) if (train and cfg.randaugment) else None
         # replay: each row then uses one of its stored views (views.pick_views) as its input
         self.replay = replay
@@ -256,16 +259,8 @@ class _FolderItems(torch.utils.data.Dataset):
 
     def __init__(self, source: Source, indices: np.ndarray, prep: Preprocess, cfg: DataConfig, train: bool,
                  seed: int, replay: ViewMaker | None = None):
-        from timm.data import create_transform
-
         self.source, self.indices, self.seed, self.train, self.replay = source, indices, seed, train, replay
-        aa = None
-        if train and cfg.randaugment:
-            m, n = parse_randaugment(cfg.randaugment)
-            aa = f"rand-m{m}-n{n}"
-        self.transform = create_transform(
-            prep.input_size, is_training=train, mean=prep.mean, std=prep.std, auto_augment=aa,
-            hflip=0.5 if cfg.hflip else 0.0, interpolation="bilinear")
+        self.transform = folder_transform(prep, train, cfg.randaugment, cfg.hflip)
         self.in_chans, self.input_size = prep.in_chans, prep.input_size
 
     def __len__(self) -> int:
@@ -293,6 +288,19 @@ class _FolderItems(torch.utils.data.Dataset):
         x = match_channels(torch.stack([i[0] for i in items]), self.in_chans)
         return (x.contiguous(), torch.tensor([i[1] for i in items], dtype=torch.int64),
                 torch.tensor([i[2] for i in items], dtype=torch.int64))
+
+
+def folder_transform(prep: Preprocess, train: bool, randaugment: str | None, hflip: bool):
+    """timm's transform of one folder image: the evaluation one, or the training one (random resized crop, the
+    flip, RandAugment ``randaugment``) that draws from the process generators."""
+    from timm.data import create_transform
+
+    aa = None
+    if train and randaugment:
+        m, n = parse_randaugment(randaugment)
+        aa = f"rand-m{m}-n{n}"
+    return create_transform(prep.input_size, is_training=train, mean=prep.mean, std=prep.std, auto_augment=aa,
+                            hflip=0.5 if hflip else 0.0, interpolation="bilinear")
 
 
 def item_seed(seed: int, epoch: int, row: int) -> int:

@@ -20,7 +20,7 @@ import torch
 
 from ..config import DataConfig, parse_randaugment
 from ..errors import ArtifactError
-from .loading import Preprocess, array_inputs, seeded_process_rngs
+from .loading import Preprocess, array_inputs, folder_transform, match_channels, seeded_process_rngs
 from .sources import Source, read_pil_image
 
 # Salts that keep the view streams apart from each other and from the batch augmentation's seeds.
@@ -60,10 +60,15 @@ class ViewPolicy:
                    d.get("randaugment") or None, str(d["kind"]), rebuild)
 
 
+def source_kind(source: Source) -> str:
+    """``array`` (images held in memory) or ``folder`` (image files): how its views are made."""
+    return "array" if source.images is not None else "folder"
+
+
 def make_policy(views: int, seed: int, cfg: DataConfig, prep: Preprocess, source: Source) -> ViewPolicy:
     """The policy of a store of ``views`` views: the data's training augmentation at the teacher's input size."""
     return ViewPolicy(int(views), int(seed), prep.input_size, int(cfg.crop_padding), bool(cfg.hflip),
-                      cfg.randaugment or None, "array" if source.images is not None else "folder")
+                      cfg.randaugment or None, source_kind(source))
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -104,17 +109,16 @@ class ViewMaker:
     """Rebuilds views of rows of ``source``: ``inputs(ids, views)`` gives the normalised model inputs."""
 
     def __init__(self, source: Source, prep: Preprocess, policy: ViewPolicy):
-        if (source.images is not None) != (policy.kind == "array"):
+        if source_kind(source) != policy.kind:
             raise ArtifactError(f"the stored views were made from {policy.kind} data, this data is "
-                                f"{'array' if source.images is not None else 'folder'} data",
+                                f"{source_kind(source)} data",
                                 "distill with the data the store was computed on")
         if prep.input_size != policy.input_size:
             raise ArtifactError(f"the stored views were made at input size {policy.input_size}, the student's input "
                                 f"size is {prep.input_size}",
                                 "set data.input_size to the store's, or distill.replay_views=false")
         self.source, self.prep, self.policy = source, prep, policy
-        self.mean = torch.tensor(prep.mean).view(1, -1, 1, 1)
-        self.std = torch.tensor(prep.std).view(1, -1, 1, 1)
+        self.mean, self.std = prep.norm_tensors()
         self.randaugment = parse_randaugment(policy.randaugment) if policy.randaugment else None
         self._transforms: tuple[Any, Any] | None = None  # folders: (evaluation, training) transform
 
@@ -175,10 +179,9 @@ class ViewMaker:
     def folder_item(self, row: int, view: int) -> torch.Tensor:
         """One folder image's view: the evaluation transform for view 0, else timm's training transform seeded
         by the view (channels matched to the model)."""
-        from .loading import match_channels
-
-        if self._transforms is None:
-            self._transforms = folder_transforms(self.prep, self.policy)
+        if self._transforms is None:  # (evaluation, training); made once, on first use (also in a worker)
+            self._transforms = tuple(folder_transform(self.prep, train, self.policy.randaugment, self.policy.hflip)
+                                     for train in (False, True))
         img = read_pil_image(self.source.files[row], "RGB")
         if view == 0:
             x = self._transforms[0](img)
@@ -186,18 +189,4 @@ class ViewMaker:
             with seeded_process_rngs(view_seed(self.policy.seed, row, view)):
                 x = self._transforms[1](img)
         return match_channels(x[None], self.prep.in_chans)[0]
-
-
-def folder_transforms(prep: Preprocess, policy: ViewPolicy) -> tuple[Any, Any]:
-    """timm's evaluation and training transforms for folder views."""
-    from timm.data import create_transform
-
-    aa = None
-    if policy.randaugment:
-        m, n = parse_randaugment(policy.randaugment)
-        aa = f"rand-m{m}-n{n}"
-    common = {"mean": prep.mean, "std": prep.std, "interpolation": "bilinear"}
-    return (create_transform(prep.input_size, is_training=False, **common),
-            create_transform(prep.input_size, is_training=True, auto_augment=aa, hflip=0.5 if policy.hflip else 0.0,
-                             **common))
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import ArtifactError
 from ..files import ZIP_SIGNATURE, file_head, temp_path
-from .meta import MASTER_NAME, MERGE_GAP_BYTES, MIN_REMAINDER, REGENERATE, ROW_FIELDS, SPLIT_NAMES, SUPPORTED_SCHEMA_VERSIONS, StoreMeta, as_str
+from .meta import MASTER_NAME, MERGE_GAP_BYTES, MIN_REMAINDER, REGENERATE, ROW_FIELDS, SPLIT_NAMES, SUPPORTED_SCHEMA_VERSIONS, VIEW_PREFIX, StoreMeta, as_str
 from .writer import field_specs, read_shard_attrs, table_fields, view_fields
 
 
@@ -236,7 +236,7 @@ class TargetStore:
         num_rows = datasets["id"].shape[0] if datasets["id"].ndim == 1 else -1
         for name, ds in datasets.items():
             shape, dtype = specs[name]
-            exact = name.removeprefix("view_") in ("logits", "topk_logits")  # must match the recorded dtype
+            exact = name.removeprefix(VIEW_PREFIX) in ("logits", "topk_logits")  # must match the recorded dtype
             if ds.shape != (num_rows,) + shape[1:] or (ds.dtype != dtype if exact else ds.dtype.kind != dtype.kind):
                 raise ArtifactError(f"targets store {path}: dataset '{name}' has shape {ds.shape} and dtype "
                                     f"{ds.dtype}, expected {(num_rows,) + shape[1:]} {dtype}", REGENERATE)
@@ -351,12 +351,15 @@ class TargetStore:
         if not augmented.any():
             return self._gather(rows)
         table = self._gather(rows[~augmented])
+        rows_v, slot = rows[augmented], views[augmented] - 1  # position along the view axis of view_* tables
+        if self._table is not None:  # in memory: only the chosen view of each row is copied
+            parts = {v: self._table[v][rows_v, slot] for v in self._view_fields}
+        else:  # out of core: whole rows (every view) come off the disk, in one planned read for all fields
+            parts = {v: arr[np.arange(len(arr)), slot] for v, arr in self._gather(rows_v, self._view_fields).items()}
         out = {}
         for name, vname in zip(self._fields, self._view_fields):
-            part = self._gather(rows[augmented], (vname,))[vname]
-            col = np.empty((len(rows),) + part.shape[2:], dtype=part.dtype)
-            col[~augmented] = table[name]
-            col[augmented] = part[np.arange(len(part)), views[augmented] - 1]
+            col = np.empty((len(rows),) + parts[vname].shape[1:], dtype=parts[vname].dtype)
+            col[~augmented], col[augmented] = table[name], parts[vname]
             out[name] = col
         return out
 
