@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..config import DataConfig, parse_randaugment
 from ..distributed import Dist, rank_slice
 from ..errors import DataError
-from .sources import Source, read_pil_image
+from .sources import Source
 
 if TYPE_CHECKING:
     from .views import ViewMaker
@@ -274,7 +274,7 @@ class _FolderItems(torch.utils.data.Dataset):
 
             view = int(pick_views(self.seed, epoch, np.array([row]), self.replay.policy.views)[0])
             return self.replay.folder_item(row, view), int(self.source.labels[row]), row
-        img = read_pil_image(self.source.files[row], "RGB")  # straight to PIL: timm's transforms take it
+        img = self.source.pil_image(row, "RGB")  # straight to PIL: timm's transforms take it
         if not self.train:  # evaluation transforms draw nothing
             return self.transform(img), int(self.source.labels[row]), row
         with seeded_process_rngs(item_seed(self.seed, epoch, row)):

@@ -62,6 +62,8 @@ class Source:
     image_size: tuple[int, int] | None = None
     official_test: np.ndarray | None = None
     root: str | None = None  # folder sources: the directory that ``files`` are relative to in digests
+    # sources of encoded images that are not files (a dataset's rows, a shard's samples): row -> PIL image
+    reader: Callable[[int], Any] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -87,6 +89,15 @@ class Source:
         if self.files is None:
             raise RuntimeError(f"source {self.spec!r} has neither images nor files")
         return _read_image_file(self.files[i], self.in_chans)
+
+    def pil_image(self, i: int, mode: str = "RGB") -> Any:
+        """Row ``i`` of a source of encoded images (folder files, or rows read by ``reader``) as a PIL image in
+        ``mode``; a row that cannot be decoded raises DataError."""
+        if self.reader is not None:
+            return self.reader(int(i)).convert(mode)
+        if self.files is None:
+            raise RuntimeError(f"source {self.spec!r} holds no encoded images")
+        return read_pil_image(self.files[int(i)], mode)
 
     def content_digest(self, indices: np.ndarray) -> str:
         """SHA-256 hex digest over the given rows, in the given order: row ids, labels and content.

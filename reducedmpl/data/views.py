@@ -21,7 +21,7 @@ import torch
 from ..config import DataConfig, parse_randaugment
 from ..errors import ArtifactError
 from .loading import Preprocess, array_inputs, folder_transform, match_channels, seeded_process_rngs
-from .sources import Source, read_pil_image
+from .sources import Source
 
 # Salts that keep the view streams apart from each other and from the batch augmentation's seeds.
 _VIEW_SALT, _PICK_SALT, _CROP_SALT = 0x5EED_71E5, 0x9C4E_51A7, 0xC409_F11B
@@ -182,7 +182,7 @@ class ViewMaker:
         if self._transforms is None:  # (evaluation, training); made once, on first use (also in a worker)
             self._transforms = tuple(folder_transform(self.prep, train, self.policy.randaugment, self.policy.hflip)
                                      for train in (False, True))
-        img = read_pil_image(self.source.files[row], "RGB")
+        img = self.source.pil_image(row, "RGB")
         if view == 0:
             x = self._transforms[0](img)
         else:
