@@ -133,9 +133,11 @@ def train_large(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     data: DataOpt = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="timm model name.")] = None,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="timm model name: NAME, NAME.TAG or hf-hub:ORG/NAME.")] = None,
     init: Annotated[Optional[str], typer.Option(
-        "--init", help="'scratch' or 'checkpoint:PATH' (.pt, .pth, .safetensors).")] = None,
+        "--init", help="'scratch', 'pretrained' (the name's weights from the Hugging Face Hub cache) or "
+                       "'checkpoint:PATH' (.pt, .pth, .safetensors).")] = None,
     reset_head: Annotated[Optional[bool], typer.Option(
         "--reset-head", help="Allow a checkpoint whose classifier has another class count.")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Epochs; 0 only loads and evaluates.")] = None,
@@ -170,7 +172,14 @@ def distill(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     data: DataOpt = None,
-    student: Annotated[Optional[str], typer.Option("--student", help="timm model name of the student.")] = None,
+    student: Annotated[Optional[str], typer.Option(
+        "--student", help="timm model name of the student: NAME, NAME.TAG or hf-hub:ORG/NAME.")] = None,
+    student_init: Annotated[Optional[str], typer.Option(
+        "--student-init", help="'scratch', 'pretrained' (the name's hub weights) or 'checkpoint:PATH' (weights, "
+                               "or a teacher.pt / student.pt).")] = None,
+    input_size: Annotated[Optional[int], typer.Option(
+        "--input-size", help="The student's input size (default: data.input_size, else its pretrained "
+                             "configuration's, else the data's).")] = None,
     mode: Annotated[Optional[str], typer.Option("--mode", help="reducedmpl, kd, online-kd or supervised.")] = None,
     teacher: Annotated[Optional[Path], typer.Option(
         "--teacher", help="online-kd: the large teacher.pt, run on the student's own view each step.")] = None,
@@ -192,7 +201,8 @@ def distill(
     from .stages import distill as stage
 
     configure(log or ())
-    flags = {"data.source": data, "student": student, "mode": mode, "steps": steps, "teacher_grad": teacher_grad,
+    flags = {"data.source": data, "student": student, "student_init": student_init, "input_size": input_size,
+             "mode": mode, "steps": steps, "teacher_grad": teacher_grad,
              "mpl_weight": mpl_weight, "seed": seed, "device": device,
              "large_teacher": str(teacher) if teacher is not None else None}
     cfg = stage_config("distill", config, set_ or (), flags)

@@ -74,6 +74,7 @@ class OptimConfig:
     sched: Literal["cosine", "step", "constant"] = "cosine"
     warmup_epochs: float = 0.0  # in epochs for train-large, in steps' share (0..1) of training for distill
     min_lr: float = 0.0
+    layer_decay: float | None = None  # timm's layer-wise lr decay (e.g. 0.75 when fine-tuning a pretrained ViT)
 
     def validate(self, prefix: str) -> None:
         _check(self.lr > 0, f"{prefix}.lr must be > 0 (got {self.lr})")
@@ -81,6 +82,7 @@ class OptimConfig:
         _check(0 <= self.momentum < 1, f"{prefix}.momentum must be in [0, 1)")
         _check(self.warmup_epochs >= 0, f"{prefix}.warmup_epochs must be >= 0")
         _check(0 <= self.min_lr <= self.lr, f"{prefix}.min_lr must be in [0, lr]")
+        _check(self.layer_decay is None or 0 < self.layer_decay <= 1, f"{prefix}.layer_decay must be in (0, 1]")
 
 
 @dataclass
@@ -88,9 +90,15 @@ class TrainLargeConfig:
     """``reducedmpl train-large``: train (or load) the large teacher on the labeled split."""
 
     data: DataConfig = field(default_factory=DataConfig)
-    model: str = "resnet18"
-    init: str = "scratch"  # "scratch" or "checkpoint:PATH" (.pt, .pth, .safetensors)
+    model: str = "resnet18"  # a timm name: NAME, NAME.TAG or hf-hub:ORG/NAME
+    init: str = "scratch"  # "scratch", "pretrained" (the name's hub weights) or "checkpoint:PATH"
     reset_head: bool = False  # allow a checkpoint whose classifier has another number of classes
+    # the model's own preprocessing; None: data.input_size, else its pretrained configuration, else the data's
+    input_size: int | None = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
     epochs: int = 30
     batch_size: int = 64
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -115,8 +123,8 @@ class TrainLargeConfig:
         _check(0 <= self.drop_rate < 1, "train_large.drop_rate must be in [0, 1)")
         _check(0 < self.ema_decay < 1, "train_large.ema_decay must be in (0, 1)")
         _check(self.clip_grad is None or self.clip_grad > 0, "train_large.clip_grad must be > 0")
-        _check(self.init == "scratch" or self.init.startswith("checkpoint:"),
-               f"train_large.init must be 'scratch' or 'checkpoint:PATH' (got {self.init!r})")
+        check_init(self.init, "train_large.init")
+        check_model_input(self, "train_large")
         _check_device(self.device)
 
 
@@ -186,7 +194,15 @@ class DistillConfig:
     mode: Literal["reducedmpl", "kd", "online-kd", "supervised"] = "reducedmpl"
     # online-kd: the teacher.pt that runs on the student's own view each step (in `run`: the pipeline's teacher)
     large_teacher: str | None = None
-    student: str = "test_resnet"
+    student: str = "test_resnet"  # a timm name: NAME, NAME.TAG or hf-hub:ORG/NAME
+    student_init: str = "scratch"  # "scratch", "pretrained" (the name's hub weights) or "checkpoint:PATH"
+    reset_head: bool = False  # allow a student checkpoint whose classifier has another number of classes
+    # the student's own preprocessing; None: data.input_size, else its pretrained configuration, else the data's
+    input_size: int | None = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
     steps: int = 1000
     batch_size: int = 32  # labeled batch
     unlabeled_batch_size: int = 128
@@ -231,6 +247,8 @@ class DistillConfig:
         if self.data is not None:
             from_dict(DataConfig, self.data, "distill.data")  # names and types; values once merged
         self.student_optim.validate("distill.student_optim")
+        check_init(self.student_init, "distill.student_init")
+        check_model_input(self, "distill")
         self.teacher_optim.validate("distill.teacher_optim")
         self.reduced_teacher.validate()
         _check(self.steps >= 0, "distill.steps must be >= 0")
@@ -295,6 +313,28 @@ def _check(ok: bool, message: str) -> None:
 def _check_device(device: str) -> None:
     ok = device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())
     _check(ok, f"device must be auto, cpu, cuda or cuda:N (got {device!r})")
+
+
+def check_init(init: str, where: str) -> None:
+    _check(init in ("scratch", "pretrained") or (init.startswith("checkpoint:") and len(init) > len("checkpoint:")),
+           f"{where} must be 'scratch', 'pretrained' or 'checkpoint:PATH' (got {short_repr(init)})")
+
+
+def check_model_input(cfg: Any, where: str) -> None:
+    """A model's own preprocessing settings (input_size, crop_pct, interpolation, mean, std)."""
+    _check(cfg.input_size is None or cfg.input_size >= 4, f"{where}.input_size must be >= 4")
+    _check(cfg.crop_pct is None or 0 < cfg.crop_pct <= 1, f"{where}.crop_pct must be in (0, 1]")
+    _check(cfg.interpolation in (None, "bilinear", "bicubic", "nearest"),
+           f"{where}.interpolation must be bilinear, bicubic or nearest (got {short_repr(cfg.interpolation)})")
+    for name in ("mean", "std"):
+        value = getattr(cfg, name)
+        _check(value is None or len(value) in (1, 3), f"{where}.{name} must list 1 or 3 values (one per channel)")
+    _check(cfg.std is None or min(cfg.std) > 0, f"{where}.std must be > 0")
+
+
+def model_input(cfg: Any) -> dict:
+    """A model's own preprocessing settings as a dict (None where unset)."""
+    return {k: getattr(cfg, k) for k in ("input_size", "crop_pct", "interpolation", "mean", "std")}
 
 
 def parse_randaugment(spec: str) -> tuple[int, int]:

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import distributed, mpl
 from .config import DistillConfig
-from .data.loading import match_channels
+from .data.loading import match_channels, resize
 from .engine.device import autocast, to_device
 
 # A batch's parts: the labeled images and labels, the pseudo-label batch, the stored q_L of the pseudo-label
@@ -298,15 +298,15 @@ class LargeTeacher:
     def __init__(self, model: nn.Module, student_prep, teacher_prep, device: torch.device, use_amp: bool):
         self.model = model.to(device).eval().requires_grad_(False)
         self.device, self.use_amp = device, use_amp
-        self.size, self.in_chans = teacher_prep.input_size, teacher_prep.in_chans
+        self.size, self.in_chans, self.interpolation = (teacher_prep.input_size, teacher_prep.in_chans,
+                                                        teacher_prep.interpolation)
         self.s_mean, self.s_std = _norm_stats(student_prep, device)
         self.t_mean, self.t_std = _norm_stats(teacher_prep, device)
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         x = x * self.s_std + self.s_mean  # the student's view, back in [0, 1] pixels
         x = match_channels(x, self.in_chans)  # as the batches do: grey repeated, colour averaged
-        if x.shape[-2:] != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        x = resize(x, self.size, self.interpolation)  # at the teacher's size, with its interpolation
         return (x - self.t_mean) / self.t_std
 
     @torch.no_grad()

@@ -10,8 +10,9 @@ import difflib
 import pickle
 import warnings
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import timm
 import torch
@@ -21,7 +22,10 @@ from .errors import ArtifactError, ConfigError
 
 
 def check_model_name(name: str) -> None:
-    if timm.is_model(name):
+    """An architecture timm knows (``NAME`` or ``NAME.TAG``); ``hf-hub:ORG/NAME`` is checked when resolved."""
+    from .hub import is_hub_name
+
+    if is_hub_name(name) or timm.is_model(name):
         return
     close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}?" if close else "see `timm.list_models()` for the names"
@@ -63,6 +67,63 @@ def check_model_fits(name: str, num_classes: int, in_chans: int, input_size: int
     if tuple(out.shape) != (2, num_classes):
         raise ConfigError(f"{what} {name!r} gives outputs of shape {tuple(out.shape)[1:]} on {shape} inputs, "
                           f"not {num_classes} class scores", "choose a classification model")
+
+
+@dataclass
+class ModelSource:
+    """What a model name and an init mode stand for: the timm architecture, its pretrained configuration (for
+    ``pretrained``: preprocessing, class count), architecture arguments, and the resolved weights."""
+
+    name: str
+    init: str
+    arch: str
+    pretrained_cfg: dict | None = None
+    model_args: dict = field(default_factory=dict)
+    weights: Any = None  # hub.Pretrained for init "pretrained"
+
+    def record(self) -> dict:
+        """Where the weights come from, for artifacts and stage keys."""
+        if self.weights is not None:
+            return self.weights.record()
+        if self.init.startswith("checkpoint:"):
+            from .targets import file_sha256
+
+            path = Path(self.init.split(":", 1)[1])
+            return {"source": "checkpoint", "file": str(path), "sha256": file_sha256(path) if path.is_file() else None}
+        return {"source": "scratch"}
+
+
+def model_source(name: str, init: str = "scratch") -> ModelSource:
+    """Resolve ``name`` for ``init``: pretrained weights are found in the Hub cache (see :mod:`reducedmpl.hub`)."""
+    from . import hub
+
+    check_model_name(name)
+    if init == "pretrained":
+        w = hub.resolve(name)
+        return ModelSource(name, init, w.arch, w.cfg, dict(w.model_args), w)
+    if hub.is_hub_name(name):  # the architecture comes from the repository's config.json
+        w = hub.resolve(name, weights=False)
+        return ModelSource(name, init, w.arch, None, dict(w.model_args))
+    return ModelSource(name, init, hub.split_name(name)[0])
+
+
+def build_model(src: ModelSource, num_classes: int, in_chans: int, input_size: int | None = None,
+                reset_head: bool = False, note: Callable[[str], None] | None = None, **kwargs: Any) -> nn.Module:
+    """The model ``src`` describes: fresh, with its hub weights (a classifier for another class count replaced,
+    said through ``note``), or with a checkpoint's weights (another classifier only with ``reset_head``)."""
+    from . import hub
+
+    kwargs = {**src.model_args, **kwargs}
+    if src.weights is not None:
+        model = hub.create_pretrained(src.weights, num_classes, in_chans, input_size, **kwargs)
+        theirs = src.weights.num_classes
+        if theirs and theirs != num_classes and note is not None:
+            note(f"note: {src.name}'s classifier for {theirs} classes is replaced by a new one for {num_classes}")
+        return model
+    model = create_model(src.arch, num_classes, in_chans, input_size=input_size, **kwargs)
+    if src.init.startswith("checkpoint:"):
+        load_weights(model, src.init.split(":", 1)[1], src.arch, reset_head=reset_head)
+    return model
 
 
 def safe_load(path: str | Path, what: str = "checkpoint") -> Any:
@@ -177,7 +238,8 @@ def model_from_artifact(art: dict) -> nn.Module:
     from .data.loading import Preprocess
 
     prep = Preprocess.from_dict(art["preprocess"])
-    model = create_model(art["arch"], art["num_classes"], art["in_chans"], input_size=prep.input_size)
+    model = create_model(art["arch"], art["num_classes"], art["in_chans"], input_size=prep.input_size,
+                         **art.get("model_args", {}))
     model.load_state_dict(art["state_dict"])
     return model
 
@@ -188,7 +250,7 @@ def weights_of(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def build_artifact(kind: str, model: nn.Module, arch: str, data: Any, config: dict, metrics: dict,
+def build_artifact(kind: str, model: nn.Module, src: ModelSource, data: Any, config: dict, metrics: dict,
                    **extra: Any) -> dict:
     """The plain-dict artifact of DESIGN §4 (``teacher.pt``, ``student.pt``): weights plus everything a later
     stage checks. ``data`` is a :class:`~reducedmpl.data.setup.DataSetup`."""
@@ -197,7 +259,10 @@ def build_artifact(kind: str, model: nn.Module, arch: str, data: Any, config: di
     return {
         "kind": kind,
         "state_dict": weights_of(model),
-        "arch": arch,
+        "arch": src.arch,
+        "model_name": src.name,
+        "model_args": dict(src.model_args),
+        "weights": src.record(),
         "num_classes": data.source.num_classes,
         "in_chans": data.prep.in_chans,
         "input_size": [data.prep.in_chans, data.prep.input_size, data.prep.input_size],

@@ -183,11 +183,26 @@ def stage_key(kind: str, config: Any, upstream: Stage | None) -> str:
     processes = env_world_size()
     if kind != "precompute" and processes > 1:  # one process keeps the keys it always had
         payload["processes"] = processes
-    init = getattr(config, "init", "scratch")
-    if init.startswith("checkpoint:"):  # a replaced checkpoint file changes the key (size and mtime, not a hash)
-        ckpt = Path(init.split(":", 1)[1])
-        payload["init_file"] = [ckpt.stat().st_size, ckpt.stat().st_mtime_ns] if ckpt.is_file() else None
+    payload.update(_weights_key(config))
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _weights_key(config: Any) -> dict:
+    """Where a training stage's starting weights come from, so a changed file changes the key: a checkpoint by
+    size and modification time (``init_file``), hub weights by hub id, revision and sha256 (``weights``)."""
+    name = getattr(config, "model", None) or getattr(config, "student", None)
+    init = getattr(config, "init", None) or getattr(config, "student_init", "scratch")
+    if name is None or init == "scratch":
+        return {}
+    if init.startswith("checkpoint:"):
+        ckpt = Path(init.split(":", 1)[1])
+        return {"init_file": [ckpt.stat().st_size, ckpt.stat().st_mtime_ns] if ckpt.is_file() else None}
+    from .models import model_source
+
+    try:
+        return {"weights": model_source(name, init).record()}
+    except UserError as e:  # not resolvable now: the stage runs, and says why
+        return {"weights": {"error": str(e)}}
 
 
 def _without(obj: Any, names: frozenset[str]) -> Any:

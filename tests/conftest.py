@@ -1,11 +1,22 @@
 """Shared fixtures: a CLI runner and a tiny teacher trained once per test session."""
 from __future__ import annotations
 
+import atexit
+import hashlib
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+
+# Nothing in the tests downloads anything: pretrained weights come from a Hugging Face Hub cache the tests write
+# (hub_cache below), read offline. Set before timm (and huggingface_hub) are imported; subprocesses inherit it.
+HUB_CACHE = Path(tempfile.mkdtemp(prefix="reducedmpl-hub-"))
+atexit.register(shutil.rmtree, HUB_CACHE, True)
+os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(HUB_CACHE), HF_HOME=str(HUB_CACHE.parent / "hf-home-unused"))
 
 import pytest
 import torch
@@ -97,3 +108,57 @@ def write_store(master: Path, meta, ids, labels, splits, logits, num_shards: int
                 writer.append(ids[a:b], labels[a:b], splits[a:b], logits[a:b], *views)
     write_master(master, paths, meta)
     return master
+
+
+HUB_REVISION = "3f2c1b0a9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b"
+
+
+def write_hub_model(repo: str, arch: str, num_classes: int = 1000, seed: int = 0, config: dict | None = None,
+                    revision: str = HUB_REVISION, cache: Path = HUB_CACHE) -> dict:
+    """A model repository in the Hub cache's own layout: ``models--ORG--NAME/blobs/SHA256``, the snapshot
+    ``snapshots/REVISION/model.safetensors`` linking to it, and ``refs/main``; with ``config`` also a timm
+    ``config.json`` (for hf-hub: names). Returns the weights written (random, from ``seed``)."""
+    import timm
+    from safetensors.torch import save_file
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        weights = {k: v.contiguous() for k, v in timm.create_model(arch, num_classes=num_classes).state_dict().items()}
+    org, name = repo.split("/")
+    folder = cache / f"models--{org}--{name}"
+    snapshot = folder / "snapshots" / revision
+    (folder / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    files = {"model.safetensors": None}
+    if config is not None:
+        files["config.json"] = json.dumps(config).encode()
+    for filename, data in files.items():
+        tmp = folder / "blobs" / "incoming"
+        if data is None:
+            save_file(weights, str(tmp))
+        else:
+            tmp.write_bytes(data)
+        blob = folder / "blobs" / hashlib.sha256(tmp.read_bytes()).hexdigest()
+        tmp.replace(blob)
+        link = snapshot / filename
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(os.path.relpath(blob, snapshot))
+    (folder / "refs").mkdir(exist_ok=True)
+    (folder / "refs" / "main").write_text(revision)
+    return weights
+
+
+@pytest.fixture(scope="session")
+def hub_cache() -> dict[str, dict]:
+    """The test Hub cache: timm's test_resnet.r160_in1k and test_efficientnet.r160_in1k (1000 classes), and
+    hf-hub:acme/digits-resnet, a test_resnet fine-tuned on 10 classes (with its config.json)."""
+    digits_cfg = {"architecture": "test_resnet", "num_classes": 10,
+                  "pretrained_cfg": {"input_size": [3, 24, 24], "crop_pct": 1.0, "interpolation": "bicubic",
+                                     "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "num_classes": 10,
+                                     "classifier": "fc", "first_conv": "conv1.0"}}
+    return {"test_resnet.r160_in1k": write_hub_model("timm/test_resnet.r160_in1k", "test_resnet"),
+            "test_efficientnet.r160_in1k": write_hub_model("timm/test_efficientnet.r160_in1k", "test_efficientnet",
+                                                           seed=1),
+            "hf-hub:acme/digits-resnet": write_hub_model("acme/digits-resnet", "test_resnet", 10, seed=2,
+                                                         config=digits_cfg)}

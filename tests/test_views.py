@@ -146,12 +146,15 @@ def test_a_view_is_the_same_in_any_batch(randaugment, hflip) -> None:
     assert not torch.equal(other.inputs(ids, views)[views > 0], augmented)  # the policy seed matters
 
 
-def test_views_refuse_another_input_size_or_rebuild_scheme() -> None:
+def test_views_refuse_another_rebuild_scheme() -> None:
+    """Stores of scheme 1 (tensors of the teacher's size) or unknown schemes are refused, naming the fix."""
     from reducedmpl.errors import ArtifactError
 
-    with pytest.raises(ArtifactError, match="input size 16.*replay_views=false"):
-        _maker({**POLICY, "input_size": 16})
-    with pytest.raises(ArtifactError, match="rebuild scheme 0, this reducedmpl rebuilds scheme 1"):
+    for scheme in (0, 1):
+        with pytest.raises(ArtifactError, match=f"rebuild scheme {scheme}, this reducedmpl rebuilds scheme 2"
+                                                ".*precompute --views.*replay_views=false"):
+            _maker({**POLICY, "rebuild": scheme})
+    with pytest.raises(ArtifactError, match="rebuild scheme 0"):
         _maker({k: v for k, v in POLICY.items() if k != "rebuild"})
 
 

@@ -34,14 +34,22 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
 @dataclass
 class Preprocess:
-    """How stored images become model inputs; saved in every checkpoint so later stages match it."""
+    """How stored images become one model's inputs; saved in every artifact so later stages match it.
+
+    ``crop_pct`` is the share of the image the evaluation transform keeps at the centre (timm's ``crop_pct``; None:
+    the whole image for array sources, timm's default for image folders); ``interpolation`` resizes."""
 
     in_chans: int
     input_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    crop_pct: float | None = None
+    interpolation: str = "bilinear"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -54,7 +62,9 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
-        return cls(int(d["in_chans"]), int(d["input_size"]), tuple(d["mean"]), tuple(d["std"]))
+        crop = d.get("crop_pct")
+        return cls(int(d["in_chans"]), int(d["input_size"]), tuple(d["mean"]), tuple(d["std"]),
+                   None if crop is None else float(crop), str(d.get("interpolation") or "bilinear"))
 
 
 def default_preprocess(source: Source, train_indices: np.ndarray, cfg: DataConfig) -> Preprocess:
@@ -70,6 +80,34 @@ def default_preprocess(source: Source, train_indices: np.ndarray, cfg: DataConfi
     mean = tuple(float(m) for m in rows.mean(axis=axes))
     std = tuple(max(float(s), 1e-3) for s in rows.std(axis=axes))
     return Preprocess(source.in_chans, size, mean, std)
+
+
+def model_preprocess(data_prep: Preprocess, data_input_size: int | None, own: dict,
+                     pretrained_cfg: dict | None = None) -> Preprocess:
+    """One model's preprocessing: each of input_size, crop_pct, interpolation, mean and std is the model's own
+    setting (``own``, None where unset), else (the input size) ``data.input_size`` when set, else the model's
+    pretrained configuration, else the data's."""
+    pre = dict(pretrained_cfg or {})
+    if pre.get("interpolation") not in INTERPOLATIONS:
+        pre.pop("interpolation", None)  # e.g. lanczos: the nearest kind these batches make
+        if pretrained_cfg and pretrained_cfg.get("interpolation"):
+            pre["interpolation"] = "bicubic"
+    size = pre.get("input_size")
+    size = int(size[-1]) if isinstance(size, (list, tuple)) and size else None
+
+    def pick(key: str, *fallbacks):
+        for value in (own.get(key), *fallbacks):
+            if value is not None:
+                return value
+        return None
+
+    mean = pick("mean", pre.get("mean"), data_prep.mean)
+    std = pick("std", pre.get("std"), data_prep.std)
+    crop = pick("crop_pct", pre.get("crop_pct"), data_prep.crop_pct)
+    return Preprocess(data_prep.in_chans, int(pick("input_size", data_input_size, size, data_prep.input_size)),
+                      tuple(float(m) for m in mean), tuple(float(v) for v in std),
+                      None if crop is None else float(crop),
+                      str(pick("interpolation", pre.get("interpolation"), data_prep.interpolation)))
 
 
 def _batch_seed(seed: int, epoch: int, batch: int, rank: int = 0) -> int:
@@ -98,20 +136,43 @@ def match_channels(x: torch.Tensor, in_chans: int) -> torch.Tensor:
     return x.mean(dim=1, keepdim=True).expand(-1, in_chans, -1, -1)
 
 
-def array_inputs(x: torch.Tensor, prep: Preprocess, mean: torch.Tensor, std: torch.Tensor,
-                 crop_flip: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """Model inputs from uint8 images (B, C, H, W): scaled to [0, 1], resized to the input size, cropped and
-    flipped by ``crop_flip`` (training), channels matched and normalised. Each image's result depends on that
-    image alone, not on the others in the batch (the stored views rely on it)."""
-    x = x.float().div_(255.0)
-    if x.shape[-1] != prep.input_size or x.shape[-2] != prep.input_size:
-        x = F.interpolate(x, size=(prep.input_size,) * 2, mode="bilinear", align_corners=False, antialias=True)
-    if crop_flip is not None:
-        x = crop_flip(x)
+def center_crop(x: torch.Tensor, crop_pct: float | None) -> torch.Tensor:
+    """The central ``crop_pct`` share of each side of images (B, C, H, W) (None or 1: all of it)."""
+    if crop_pct is None or crop_pct >= 1:
+        return x
+    h, w = x.shape[-2:]
+    ch, cw = max(1, round(h * crop_pct)), max(1, round(w * crop_pct))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    return x[..., top:top + ch, left:left + cw]
+
+
+def resize(x: torch.Tensor, size: int, interpolation: str = "bilinear") -> torch.Tensor:
+    """Float images (B, C, H, W) resized to ``size`` x ``size`` (antialiased when shrinking)."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    if interpolation == "nearest":
+        return F.interpolate(x, size=(size, size), mode="nearest")
+    out = F.interpolate(x, size=(size, size), mode=interpolation, align_corners=False, antialias=True)
+    return out.clamp_(0.0, 1.0) if interpolation == "bicubic" else out
+
+
+def normalise(x: torch.Tensor, prep: Preprocess, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """[0, 1] images with their channels matched to the model and normalised."""
     x = match_channels(x, prep.in_chans)
     if mean.shape[1] != x.shape[1]:
         mean, std = mean.mean().view(1, 1, 1, 1), std.mean().view(1, 1, 1, 1)
     return ((x - mean) / std).contiguous()
+
+
+def array_inputs(x: torch.Tensor, prep: Preprocess, mean: torch.Tensor, std: torch.Tensor,
+                 crop_flip: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Model inputs from uint8 images (B, C, H, W): scaled to [0, 1], the central ``crop_pct`` kept, resized to the
+    input size, cropped and flipped by ``crop_flip`` (training), channels matched and normalised. Each image's
+    result depends on that image alone, not on the others in the batch."""
+    x = resize(center_crop(x.float().div_(255.0), prep.crop_pct), prep.input_size, prep.interpolation)
+    if crop_flip is not None:
+        x = crop_flip(x)
+    return normalise(x, prep, mean, std)
 
 
 class Batcher:
@@ -299,8 +360,9 @@ def folder_transform(prep: Preprocess, train: bool, randaugment: str | None, hfl
     if train and randaugment:
         m, n = parse_randaugment(randaugment)
         aa = f"rand-m{m}-n{n}"
+    crop = {} if prep.crop_pct is None else {"crop_pct": prep.crop_pct}
     return create_transform(prep.input_size, is_training=train, mean=prep.mean, std=prep.std, auto_augment=aa,
-                            hflip=0.5 if hflip else 0.0, interpolation="bilinear")
+                            hflip=0.5 if hflip else 0.0, interpolation=prep.interpolation, **crop)
 
 
 def item_seed(seed: int, epoch: int, row: int) -> int:

@@ -1,17 +1,27 @@
 """Stored views: inputs that ``precompute --views K`` runs the teacher on and ``distill`` rebuilds exactly.
 
-View 0 of a row is its clean input (the evaluation transform). Views 1..K-1 are augmented inputs drawn from the
-recorded :class:`ViewPolicy`, seeded by (policy seed, row id, view) alone, so the same view is rebuilt bit for
-bit on the same machine, in any batch, by any process. For array sources the augmentation is the training one
-of :class:`~reducedmpl.data.loading.Batcher` (RandAugment on the uint8 image, then the random crop and the flip),
-drawn per image; for image folders it is timm's training transform, run with the process generators seeded per
-view.
+A view is a *region* of the original image plus its augmentation, not a tensor of one size: the region (a crop
+box in the image's own pixels, a flip) and the augmentation's seed are functions of (policy seed, row id, view)
+alone, and :class:`ViewMaker` renders them at one model's input size, interpolation and normalisation. So the
+teacher's view (rendered at its size at precompute) and the student's view of the same row (rendered at the
+student's, in distill) show the same part of the same image, and the same view is rebuilt bit for bit on the same
+machine, in any batch, by any process.
+
+View 0 of a row is its clean input: the central ``crop_pct`` share the teacher's evaluation transform keeps. Views
+1..K-1 are augmented:
+
+* array sources: RandAugment on the uint8 image (seeded by the view), then a shifted crop of the image padded by
+  ``crop_padding`` (counted at the teacher's input size, applied in the image's pixels) and the flip;
+* image folders and other sources of encoded images: timm's training augmentation drawn per view: a random
+  resized crop box (scale 0.08-1, ratio 3/4-4/3) of the image, the flip, then RandAugment at the rendered size.
 
 During distillation each drawn row picks one of its stored views (:func:`pick_views`, a function of the stream's
-seed, the epoch and the row id), and the student trains on exactly that input, with the teacher's target for it.
+seed, the epoch and the row id), and the student trains on exactly that region, with the teacher's target for it.
 """
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -20,15 +30,17 @@ import torch
 
 from ..config import DataConfig, parse_randaugment
 from ..errors import ArtifactError
-from .loading import Preprocess, array_inputs, folder_transform, match_channels, seeded_process_rngs
+from .loading import (Preprocess, center_crop, folder_transform, match_channels, normalise, resize,
+                      seeded_process_rngs)
 from .sources import Source
 
 # Salts that keep the view streams apart from each other and from the batch augmentation's seeds.
 _VIEW_SALT, _PICK_SALT, _CROP_SALT = 0x5EED_71E5, 0x9C4E_51A7, 0xC409_F11B
 # How a view is rebuilt from its seed; a store records it, and one made another way is refused (its views could
-# not be rebuilt exactly).
-REBUILD = 1
+# not be rebuilt exactly). Scheme 1 stored tensors of the teacher's size; scheme 2 stores regions.
+REBUILD = 2
 _MASK64 = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+FOLDER_SCALE, FOLDER_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # timm's random resized crop
 
 
 @dataclass(frozen=True)
@@ -37,15 +49,19 @@ class ViewPolicy:
 
     views: int  # V: view 0 clean, views 1..V-1 augmented
     seed: int
-    input_size: int
+    input_size: int  # the teacher's: crop_padding is counted at this size
     crop_padding: int  # array sources: random-crop padding at input_size (0: none)
     hflip: bool
     randaugment: str | None  # e.g. "rand-m9-n2", or None
-    kind: str  # "array" (in-memory uint8 images) or "folder" (image files, timm's transform)
+    kind: str  # "array" (in-memory uint8 images) or "folder" (encoded images, timm's augmentation)
+    crop_pct: float | None = None  # view 0's region: the teacher's evaluation crop
+    fill: tuple[int, ...] = (128, 128, 128)  # folders: RandAugment's fill colour (the teacher's mean)
     rebuild: int = REBUILD
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["fill"] = list(self.fill)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ViewPolicy:
@@ -56,8 +72,10 @@ class ViewPolicy:
                                 f"rebuilds scheme {REBUILD}",
                                 "rerun `reducedmpl precompute --views` with this reducedmpl (or "
                                 "distill.replay_views=false)")
+        crop = d.get("crop_pct")
         return cls(int(d["views"]), int(d["seed"]), int(d["input_size"]), int(d["crop_padding"]), bool(d["hflip"]),
-                   d.get("randaugment") or None, str(d["kind"]), rebuild)
+                   d.get("randaugment") or None, str(d["kind"]), None if crop is None else float(crop),
+                   tuple(int(v) for v in d.get("fill") or (128, 128, 128)), rebuild)
 
 
 def source_kind(source: Source) -> str:
@@ -66,9 +84,12 @@ def source_kind(source: Source) -> str:
 
 
 def make_policy(views: int, seed: int, cfg: DataConfig, prep: Preprocess, source: Source) -> ViewPolicy:
-    """The policy of a store of ``views`` views: the data's training augmentation at the teacher's input size."""
+    """The policy of a store of ``views`` views: the data's training augmentation, regions taken from the
+    teacher's preprocessing ``prep`` (its input size, its evaluation crop, its mean as the fill)."""
+    mean = list(prep.mean) * (3 if len(prep.mean) == 1 else 1)
+    fill = tuple(min(255, round(255 * m)) for m in mean[:3])
     return ViewPolicy(int(views), int(seed), prep.input_size, int(cfg.crop_padding), bool(cfg.hflip),
-                      cfg.randaugment or None, source_kind(source))
+                      cfg.randaugment or None, source_kind(source), prep.crop_pct, fill)
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -105,22 +126,40 @@ def pick_views(seed: int, epoch: int, ids: np.ndarray, views: int) -> np.ndarray
     return (_hash(_PICK_SALT, seed, epoch, ids) % np.uint64(views)).astype(np.int64)
 
 
+def folder_box(width: int, height: int, seed: int) -> tuple[int, int, int, int]:
+    """A random resized crop box (left, top, right, bottom) of a ``width`` x ``height`` image, drawn from
+    ``seed`` alone (timm's scale and ratio ranges; the central crop of the nearest ratio after 10 misses)."""
+    rng, area = random.Random(seed), width * height
+    log_ratio = (math.log(FOLDER_RATIO[0]), math.log(FOLDER_RATIO[1]))
+    for _ in range(10):
+        target = rng.uniform(*FOLDER_SCALE) * area
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = rng.randint(0, width - w), rng.randint(0, height - h)
+            return left, top, left + w, top + h
+    w, h = width, height
+    if width / height < FOLDER_RATIO[0]:
+        h = int(round(width / FOLDER_RATIO[0]))
+    elif width / height > FOLDER_RATIO[1]:
+        w = int(round(height * FOLDER_RATIO[1]))
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
 class ViewMaker:
-    """Rebuilds views of rows of ``source``: ``inputs(ids, views)`` gives the normalised model inputs."""
+    """Renders views of rows of ``source`` at the model preprocessing ``prep``: ``inputs(ids, views)`` gives the
+    normalised model inputs. Which region a view is depends on the policy alone, never on ``prep``."""
 
     def __init__(self, source: Source, prep: Preprocess, policy: ViewPolicy):
         if source_kind(source) != policy.kind:
             raise ArtifactError(f"the stored views were made from {policy.kind} data, this data is "
                                 f"{source_kind(source)} data",
                                 "distill with the data the store was computed on")
-        if prep.input_size != policy.input_size:
-            raise ArtifactError(f"the stored views were made at input size {policy.input_size}, the student's input "
-                                f"size is {prep.input_size}",
-                                "set data.input_size to the store's, or distill.replay_views=false")
         self.source, self.prep, self.policy = source, prep, policy
         self.mean, self.std = prep.norm_tensors()
         self.randaugment = parse_randaugment(policy.randaugment) if policy.randaugment else None
-        self._transforms: tuple[Any, Any] | None = None  # folders: (evaluation, training) transform
+        self._transforms: tuple[Any, Any] | None = None  # folders: (view 0's transform, RandAugment or None)
 
     def inputs(self, ids: np.ndarray, views: np.ndarray) -> torch.Tensor:
         """float32 (n, C, H, W): view ``views[i]`` of row ``ids[i]``; each image depends on its own key only."""
@@ -140,7 +179,9 @@ class ViewMaker:
         images = torch.from_numpy(np.ascontiguousarray(self.source.images[ids])).permute(0, 3, 1, 2)
         if self.randaugment is not None and views.any():
             images = self._randaugment(images, ids, views)
-        return array_inputs(images, self.prep, self.mean, self.std, lambda x: self._crop_flip(x, ids, views))
+        x = center_crop(images.float().div_(255.0), self.policy.crop_pct)
+        x = resize(self._crop_flip(x, ids, views), self.prep.input_size, self.prep.interpolation)
+        return normalise(x, self.prep, self.mean, self.std)
 
     def _randaugment(self, images: torch.Tensor, ids: np.ndarray, views: np.ndarray) -> torch.Tensor:
         """RandAugment of each augmented view, from the global generator seeded by the view (the global state is
@@ -158,11 +199,16 @@ class ViewMaker:
                 out.append(img)
         return torch.stack(out)
 
+    def source_padding(self, side: int) -> int:
+        """``crop_padding`` (counted at the teacher's input size) in pixels of an image of ``side`` pixels."""
+        p = self.policy.crop_padding
+        return 0 if p <= 0 else max(1, round(p * side / self.policy.input_size))
+
     def _crop_flip(self, x: torch.Tensor, ids: np.ndarray, views: np.ndarray) -> torch.Tensor:
-        """The random crop (offsets in 0..2p) and flip of every augmented view, for the whole batch at once; view 0
-        is cropped at the centre (offset p: the clean image itself) and never flipped."""
-        p, (n, _, h, w) = self.policy.crop_padding, x.shape
-        augmented = views > 0
+        """The shifted crop (offsets 0..2p of the p-padded image, in its own pixels) and the flip of every augmented
+        view, for the whole batch at once; view 0 is cropped at the centre (the image itself), never flipped."""
+        (n, _, h, w), augmented = x.shape, views > 0
+        p = self.source_padding(min(h, w))
         if p > 0:
             span = np.uint64(2 * p + 1)
             oy = np.where(augmented, _hash(_CROP_SALT, self.policy.seed, ids, views, 1) % span, p).astype(np.int64)
@@ -176,17 +222,50 @@ class ViewMaker:
             x = torch.where(torch.from_numpy(flip).view(-1, 1, 1, 1), x.flip(-1), x)
         return x
 
+    def folder_region(self, row: int, view: int, width: int, height: int) -> tuple[tuple[int, int, int, int], bool]:
+        """The crop box (left, top, right, bottom, in the image's pixels) and flip of an augmented view."""
+        box = folder_box(width, height, view_seed(self.policy.seed, row, view))
+        flip = self.policy.hflip and bool(_hash(_CROP_SALT, self.policy.seed, row, view, 3) & np.uint64(1))
+        return box, flip
+
     def folder_item(self, row: int, view: int) -> torch.Tensor:
-        """One folder image's view: the evaluation transform for view 0, else timm's training transform seeded
-        by the view (channels matched to the model)."""
-        if self._transforms is None:  # (evaluation, training); made once, on first use (also in a worker)
-            self._transforms = tuple(folder_transform(self.prep, train, self.policy.randaugment, self.policy.hflip)
-                                     for train in (False, True))
+        """One encoded image's view: view 0 through the evaluation transform with the teacher's crop; an augmented
+        view's region cropped and resized in one step, flipped, then RandAugment seeded by the view."""
+        from PIL import Image
+        from torchvision.transforms.functional import pil_to_tensor
+
+        if self._transforms is None:  # made once, on first use (also in a worker)
+            self._transforms = self._folder_transforms()
         img = self.source.pil_image(row, "RGB")
         if view == 0:
-            x = self._transforms[0](img)
-        else:
+            return match_channels(self._transforms[0](img)[None], self.prep.in_chans)[0]
+        box, flip = self.folder_region(row, view, *img.size)
+        size, interp = self.prep.input_size, _pil_interpolation(self.prep.interpolation)
+        img = img.resize((size, size), interp, box=box)
+        if flip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self._transforms[1] is not None:
             with seeded_process_rngs(view_seed(self.policy.seed, row, view)):
-                x = self._transforms[1](img)
-        return match_channels(x[None], self.prep.in_chans)[0]
+                img = self._transforms[1](img)
+        x = pil_to_tensor(img)[None].float().div_(255.0)
+        return normalise(x, self.prep, self.mean, self.std)[0]
 
+    def _folder_transforms(self) -> tuple[Any, Any]:
+        """(view 0's evaluation transform at the teacher's crop, RandAugment at this size or None)."""
+        from timm.data.auto_augment import rand_augment_transform
+
+        clean = folder_transform(Preprocess(self.prep.in_chans, self.prep.input_size, self.prep.mean, self.prep.std,
+                                            self.policy.crop_pct, self.prep.interpolation), False, None, False)
+        augment = None
+        if self.randaugment is not None:
+            m, n = self.randaugment
+            hparams = {"translate_const": int(self.prep.input_size * 0.45), "img_mean": self.policy.fill,
+                       "interpolation": _pil_interpolation(self.prep.interpolation)}
+            augment = rand_augment_transform(f"rand-m{m}-n{n}", hparams)
+        return clean, augment
+
+
+def _pil_interpolation(name: str) -> int:
+    from PIL import Image
+
+    return {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[name]

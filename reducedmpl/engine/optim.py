@@ -13,9 +13,10 @@ WARMUP_START = 0.01  # warm-up starts at this fraction of the learning rate
 def create_optimizer(model_or_params: Any, cfg: Any) -> torch.optim.Optimizer:
     from timm.optim import create_optimizer_v2
 
+    extra = {} if getattr(cfg, "layer_decay", None) is None else {"layer_decay": cfg.layer_decay}
     try:
         return create_optimizer_v2(model_or_params, opt=cfg.opt, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                   momentum=cfg.momentum)
+                                   momentum=cfg.momentum, **extra)
     except (ValueError, AssertionError, KeyError) as e:
         raise ConfigError(f"optimizer {cfg.opt!r} is not available ({e})",
                           "use one of timm's names, e.g. sgd, momentum, adamw, lamb") from None

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from rich.console import Console
 
 from .. import __version__, distributed, mpl
-from ..config import DataConfig, DistillConfig, merge_data, to_dict
+from ..config import DataConfig, DistillConfig, merge_data, model_input, to_dict
 from ..data.loading import Batcher, BatchStream
 from ..data.setup import DataSetup, setup_data
 from ..data.views import ViewMaker, ViewPolicy
@@ -38,8 +38,9 @@ from ..engine.runs import drop_run
 from ..errors import ArtifactError, ConfigError, UserError
 from ..methods import (LABELED, LABELED_TARGETS, UNLABELED, UNLABELED_TARGETS, Batch, FinetuneStep, LargeTeacher, Step,
                        StepOutput, Student, Teacher, build_step)
-from ..models import (build_artifact, check_model_fits, check_model_name, create_model, load_artifact,
-                      model_from_artifact, weights_of)
+from ..data.loading import model_preprocess
+from ..models import (ModelSource, build_artifact, build_model, check_model_fits, load_artifact, model_from_artifact,
+                      model_source, weights_of)
 from ..targets import TargetStore, check_class_names
 
 ARTIFACT = "student.pt"
@@ -58,14 +59,15 @@ class Distiller:
     """
 
     def __init__(self, cfg: DistillConfig, data: DataSetup, store: TargetStore, device: torch.device,
-                 dist: distributed.Dist | None = None):
+                 dist: distributed.Dist | None = None, student: ModelSource | None = None, note=None):
         self.cfg, self.data, self.store, self.device = cfg, data, store, device
         self.dist = dist = dist or distributed.Dist()
         src, rows, prep = data.source, data.splits.indices, data.prep
         large = load_large_teacher(cfg, data, device) if cfg.large_teacher is not None else None
         seed_everything(cfg.seed)
-        model = prepare_model(create_model(cfg.student, src.num_classes, prep.in_chans, input_size=prep.input_size),
-                              device, cfg.channels_last)
+        student = student or model_source(cfg.student, cfg.student_init)
+        model = prepare_model(build_model(student, src.num_classes, prep.in_chans, prep.input_size,
+                                          reset_head=cfg.reset_head, note=note), device, cfg.channels_last)
         train_model = wrap_ddp(model, device, dist)
         if cfg.compile:
             train_model = torch.compile(train_model)
@@ -298,7 +300,7 @@ def check_store(store: TargetStore, data: DataSetup, needed: dict[str, np.ndarra
 def run(cfg: DistillConfig, targets: str | Path, out: str | Path, *, resume: bool = False, overwrite: bool = False,
         console: Console | None = None, quiet: bool = False) -> dict:
     """Run one distillation and write ``OUT/student.pt`` (and ``OUT/reduced_teacher.pt``); returns the result."""
-    check_model_name(cfg.student)
+    student = model_source(cfg.student, cfg.student_init)
     if cfg.mode == "online-kd" and cfg.large_teacher is None:
         raise ConfigError("distill mode online-kd needs the large teacher", "pass --teacher PATH/teacher.pt")
     sizes = {"distill.batch_size": cfg.batch_size}
@@ -309,7 +311,7 @@ def run(cfg: DistillConfig, targets: str | Path, out: str | Path, *, resume: boo
     try:
         data_cfg = resolve_data(cfg, store)
         cfg = dataclasses.replace(cfg, data=to_dict(data_cfg))
-        data = setup_data(data_cfg)
+        data = student_data(cfg, data_cfg, student)
         needed = {"labeled": data.splits.indices["labeled"]}
         if cfg.mode != "supervised":
             needed["unlabeled"] = data.splits.indices["unlabeled"]
@@ -317,22 +319,35 @@ def run(cfg: DistillConfig, targets: str | Path, out: str | Path, *, resume: boo
                 raise ConfigError("distill.pseudo_pool=unlabeled but the data has no unlabeled rows",
                                   "set distill.pseudo_pool=all, or keep some rows unlabeled (data.labeled_per_class)")
         check_store(store, data, needed)
-        check_model_fits(cfg.student, data.source.num_classes, data.prep.in_chans, data.prep.input_size,
-                         "distill.student")
+        check_model_fits(student.arch, data.source.num_classes, data.prep.in_chans, data.prep.input_size,
+                         "distill.student", **student.model_args)
         return train(cfg, data, store, device, dist, Path(out), resume=resume, overwrite=overwrite,
-                     console=console, quiet=quiet)
+                     console=console, quiet=quiet, student=student)
     finally:
         store.close()
 
 
+def student_data(cfg: DistillConfig, data_cfg: DataConfig, student: ModelSource) -> DataSetup:
+    """The data, with the student's own preprocessing: its settings, else ``data.input_size``, else its pretrained
+    configuration, else the data's."""
+    data = setup_data(data_cfg)
+    prep = model_preprocess(data.prep, data_cfg.input_size, model_input(cfg), student.pretrained_cfg)
+    return dataclasses.replace(data, prep=prep)
+
+
 def train(cfg: DistillConfig, data: DataSetup, store: TargetStore, device: torch.device, dist: distributed.Dist,
-          out: Path, *, resume: bool, overwrite: bool, console: Console, quiet: bool) -> dict:
+          out: Path, *, resume: bool, overwrite: bool, console: Console, quiet: bool,
+          student: ModelSource | None = None) -> dict:
     """The distill loop: batch, step, log, evaluate, checkpoint; then the final evaluation and the artifacts."""
-    config_dict = {**to_dict(cfg), "targets": str(store.path), "targets_run_key": store.meta.run_key}
+    student = student or model_source(cfg.student, cfg.student_init)
+    config_dict = {**to_dict(cfg), "targets": str(store.path), "targets_run_key": store.meta.run_key,
+                   "weights": student.record()}
     # the store is the same one when its run key is: a run and its store may move before --resume
     job = stage.StageRun(out, ARTIFACT, config_dict, dist, console, resume=resume, overwrite=overwrite,
                          ignore=("targets",))
-    d, probes = Distiller(cfg, data, store, device, dist), Probes(data, store, cfg)
+    note = console.print if job.main and job.state is None else None
+    d = Distiller(cfg, data, store, device, dist, student, note=note)
+    probes = Probes(data, store, cfg)
     ev = Evaluation(d, data, store)
     if job.state is not None:
         d.load_state_dict(job.state["distiller"])
@@ -382,7 +397,7 @@ def train(cfg: DistillConfig, data: DataSetup, store: TargetStore, device: torch
               **{f"final_{k}": v for k, v in ev.teachers().items()}}
     extra = {"reduced_teacher.pt": _reduced_teacher_artifact(d, store)} if d.teacher is not None else {}
     extra.update({"probes.json": probes.data, "result.json": result})
-    job.finish(build_artifact("student", final, cfg.student, data, config_dict, result, step=total), result, extra)
+    job.finish(build_artifact("student", final, student, data, config_dict, result, step=total), result, extra)
     return result
 
 

@@ -12,6 +12,7 @@ runs on the next batches.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -111,7 +112,8 @@ def teacher_model(teacher: Teacher) -> nn.Module:
     prep = Preprocess.from_dict(art["preprocess"])
     try:
         with torch.device("meta"):
-            model = create_model(art["arch"], art["num_classes"], art["in_chans"], input_size=prep.input_size)
+            model = create_model(art["arch"], art["num_classes"], art["in_chans"], input_size=prep.input_size,
+                                 **art.get("model_args", {}))
         tensors = {name for name, _ in itertools.chain(model.named_parameters(), model.named_buffers())}
         if tensors <= set(art["state_dict"]):  # every tensor comes from the artifact
             model = model.to_empty(device="cpu")
@@ -141,7 +143,7 @@ def _teacher_from_weights(teacher: Teacher, source: Source, prep: Preprocess) ->
     first_conv = model.pretrained_cfg.get("first_conv")
     stem = sd.get(f"{first_conv}.weight") if isinstance(first_conv, str) else None
     if stem is not None and stem.ndim == 4 and stem.shape[1] != prep.in_chans:  # e.g. RGB weights, grey data
-        prep = Preprocess(int(stem.shape[1]), prep.input_size, prep.mean, prep.std)
+        prep = dataclasses.replace(prep, in_chans=int(stem.shape[1]))
         model = create_model(teacher.arch, source.num_classes, prep.in_chans, input_size=prep.input_size)
     load_weights(model, teacher.path, teacher.arch)
     return model, prep

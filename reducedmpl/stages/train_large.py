@@ -6,6 +6,7 @@ so an interrupted run continued with ``--resume`` ends with the same weights as 
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,8 +17,8 @@ from rich.console import Console
 from torch import nn
 
 from .. import distributed
-from ..config import TrainLargeConfig, to_dict
-from ..data.loading import Batcher
+from ..config import TrainLargeConfig, model_input, to_dict
+from ..data.loading import Batcher, model_preprocess
 from ..data.setup import DataSetup, setup_data
 from ..engine import stage
 from ..engine.device import autocast, grad_scaler, prepare_model, to_device, wrap_ddp
@@ -27,7 +28,8 @@ from ..engine.optim import create_optimizer, create_scheduler
 from ..engine.progress import Throughput
 from ..engine.rng import rank_rng_states, restore_rank_rng, seed_everything
 from ..data.splits import check_same_data
-from ..models import build_artifact, check_model_fits, check_model_name, create_model, load_weights, weights_of
+from ..errors import ConfigError
+from ..models import ModelSource, build_artifact, build_model, check_model_fits, model_source, weights_of
 
 ARTIFACT = "teacher.pt"
 
@@ -45,14 +47,13 @@ class EpochState:
 class Trainer:
     """The large teacher with its optimizer, schedule, EMA and batches: one epoch at a time."""
 
-    def __init__(self, cfg: TrainLargeConfig, data: DataSetup, device: torch.device, dist: distributed.Dist):
+    def __init__(self, cfg: TrainLargeConfig, data: DataSetup, device: torch.device, dist: distributed.Dist,
+                 src: ModelSource, note=None):
         self.cfg, self.data, self.device, self.dist = cfg, data, device, dist
         self.use_amp = cfg.amp and device.type == "cuda"
         seed_everything(cfg.seed)
-        model = create_model(cfg.model, data.source.num_classes, data.prep.in_chans,
-                             input_size=data.prep.input_size, drop_rate=cfg.drop_rate)
-        if cfg.init.startswith("checkpoint:"):
-            load_weights(model, cfg.init.split(":", 1)[1], cfg.model, reset_head=cfg.reset_head)
+        model = build_model(src, data.source.num_classes, data.prep.in_chans, data.prep.input_size,
+                            reset_head=cfg.reset_head, note=note, drop_rate=cfg.drop_rate)
         model = prepare_model(model, device, cfg.channels_last)
         self.model = torch.compile(model) if cfg.compile else model
         self.train_model = wrap_ddp(self.model, device, dist)  # DDP under torchrun; `model` stays the plain one
@@ -160,16 +161,16 @@ class Trainer:
 def run(cfg: TrainLargeConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
         console: Console | None = None, quiet: bool = False) -> dict:
     """Train (or load) the large teacher and write ``OUT/teacher.pt``; returns its metrics."""
-    check_model_name(cfg.model)
+    src = model_source(cfg.model, cfg.init)
     device, dist, console, quiet = stage.setup(cfg.device, console, quiet,
                                                {"train_large.batch_size": cfg.batch_size})
-    data = setup_data(cfg.data)
-    check_model_fits(cfg.model, data.source.num_classes, data.prep.in_chans, data.prep.input_size,
-                     "train_large.model", drop_rate=cfg.drop_rate)
-    config_dict = to_dict(cfg)
+    data = teacher_data(cfg, src)
+    check_model_fits(src.arch, data.source.num_classes, data.prep.in_chans, data.prep.input_size,
+                     "train_large.model", drop_rate=cfg.drop_rate, **src.model_args)
+    config_dict = {**to_dict(cfg), "weights": src.record()}
     job = stage.StageRun(out, ARTIFACT, config_dict, dist, console, resume=resume, overwrite=overwrite)
     check_same_data(job.state, data.splits.fingerprints, job.out)
-    t = Trainer(cfg, data, device, dist)
+    t = Trainer(cfg, data, device, dist, src, note=console.print if job.main and not resume else None)
     start_epoch, resume_at = 0, None
     if job.state is not None:
         start_epoch, resume_at = t.load_state_dict(job.state)
@@ -203,8 +204,21 @@ def run(cfg: TrainLargeConfig, out: str | Path, *, resume: bool = False, overwri
     result = {"val_acc": val.get("acc"), "val_loss": val.get("loss"), "test_acc": test.get("acc"),
               "test_loss": test.get("loss"), "epochs": cfg.epochs, "best_epoch": job.best["epoch"],
               "train_seconds": time.perf_counter() - t_start}
-    job.finish(build_artifact("teacher", final, cfg.model, data, config_dict, result, epoch=cfg.epochs), result)
+    job.finish(build_artifact("teacher", final, src, data, config_dict, result, epoch=cfg.epochs), result)
     return result
+
+
+def teacher_data(cfg: TrainLargeConfig, src: ModelSource) -> DataSetup:
+    """The data, with the teacher's own preprocessing (its settings, else its pretrained configuration's); a
+    pretrained classifier that would be replaced and never trained (``epochs: 0``) is refused."""
+    data = setup_data(cfg.data)
+    theirs = src.weights.num_classes if src.weights is not None else 0
+    if theirs and theirs != data.source.num_classes and cfg.epochs == 0:
+        raise ConfigError(f"{cfg.model!r} predicts {theirs} classes, the data {data.source.num_classes}: its classifier "
+                          "would be replaced by a new one and never trained (train_large.epochs is 0)",
+                          "fine-tune it: pass --epochs N (N >= 1)")
+    prep = model_preprocess(data.prep, cfg.data.input_size, model_input(cfg), src.pretrained_cfg)
+    return dataclasses.replace(data, prep=prep)
 
 
 def _rank_partial(saved: dict | list | None, dist: distributed.Dist) -> EpochState | None:
