@@ -63,7 +63,8 @@ def check_model_fits(name: str, num_classes: int, in_chans: int, input_size: int
             raise ConfigError(f"{what} {name!r} cannot take the data's {shape} inputs "
                               f"({type(e).__name__}: {first[:160]})",
                               f"choose a model that takes {input_size}x{input_size} images, or set "
-                              "data.input_size to a size it takes (e.g. 224)") from None
+                              f"{what.split('.')[0]}.input_size (or data.input_size) to a size it takes "
+                              "(e.g. 224)") from None
     if tuple(out.shape) != (2, num_classes):
         raise ConfigError(f"{what} {name!r} gives outputs of shape {tuple(out.shape)[1:]} on {shape} inputs, "
                           f"not {num_classes} class scores", "choose a classification model")
@@ -175,9 +176,11 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights(model: nn.Module, path: str | Path, arch: str, reset_head: bool = False) -> None:
-    """Load weights into ``model``; a classifier of another size only with ``reset_head``."""
+    """Load weights into ``model``; a classifier of another size only with ``reset_head``. A first convolution for
+    another number of input channels (RGB weights, grey images) is adapted as timm's loader does."""
     sd = load_state_dict_file(path)
     own = model.state_dict()
+    _adapt_first_conv(model, sd, own)
     head_keys = {k for k in own if _is_head_key(model, k)}
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -200,11 +203,24 @@ def load_weights(model: nn.Module, path: str | Path, arch: str, reset_head: bool
         shape = tuple(sd[k].shape) if k in sd else "none"
         raise ArtifactError(
             f"checkpoint {path} has a classifier for another number of classes ({k}: {shape}, "
-            f"model: {tuple(own[k].shape)})", "pass --reset-head to start a new classifier for this data")
+            f"model: {tuple(own[k].shape)})", "allow a new classifier for this data: --reset-head (train_large.reset_head, "
+            "distill.reset_head)")
     keep = {k: v for k, v in sd.items() if k in own and k not in mismatched}
     if reset_head:
         keep = {k: v for k, v in keep.items() if k not in head_keys or not head_problem}
     model.load_state_dict(keep, strict=False)
+
+
+def _adapt_first_conv(model: nn.Module, sd: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> None:
+    from timm.models import adapt_input_conv
+
+    first = getattr(model, "pretrained_cfg", {}).get("first_conv")
+    for name in [first] if isinstance(first, str) else (first or []):
+        key = f"{name}.weight"
+        theirs, mine = sd.get(key), own.get(key)
+        if theirs is not None and mine is not None and theirs.ndim == 4 and theirs.shape[1] != mine.shape[1] \
+                and theirs.shape[0] == mine.shape[0]:
+            sd[key] = adapt_input_conv(mine.shape[1], theirs)
 
 
 def _is_head_key(model: nn.Module, key: str) -> bool:

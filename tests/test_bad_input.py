@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import gzip
 import hashlib
+import json
 import pickle
 import shutil
 import struct
@@ -76,6 +77,10 @@ class Fx:
     @property
     def targets(self) -> Path:
         return self.request.getfixturevalue("tiny_targets")
+
+    @property
+    def hub(self) -> dict:
+        return self.request.getfixturevalue("hub_cache")
 
 
 def sha(path: Path) -> str:
@@ -452,6 +457,42 @@ def tl_model_too_small_input(tmp: Path, fx: Fx) -> Case:
                                  "choose a model that takes 8x8 images"), [out, *bad])
 
 
+def tl_pretrained_unknown_name(tmp: Path, fx: Fx) -> Case:
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", "digits", *FAST[2:], "--model", "test_resnett.r160_in1k", "--init",
+                 "pretrained", "--out", out], ("unknown timm model 'test_resnett.r160_in1k'", "did you mean test_resnet"),
+                [out, *bad])
+
+
+def tl_pretrained_unknown_tag(tmp: Path, fx: Fx) -> Case:
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", "digits", *FAST[2:], "--model", "test_resnet.r161_in1k", "--init",
+                 "pretrained", "--out", out], ("no pretrained tag 'r161_in1k'", "known tags: r160_in1k"), [out, *bad])
+
+
+def tl_pretrained_not_in_cache(tmp: Path, fx: Fx) -> Case:
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", "digits", *FAST[2:], "--model", "resnet18.a1_in1k", "--init",
+                 "pretrained", "--out", out],
+                ("timm/resnet18.a1_in1k/model.safetensors is not in the Hugging Face cache", "HF_HUB_CACHE"),
+                [out, *bad])
+
+
+def tl_pretrained_head_never_trained(tmp: Path, fx: Fx) -> Case:
+    """1000 ImageNet classes on the 10 digits with 0 epochs: the new classifier would stay untrained."""
+    fx.hub
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", "digits", "--model", "test_resnet.r160_in1k", "--init", "pretrained",
+                 "--epochs", "0", "--out", out], ("would be replaced by a new one and never trained", "--epochs N"),
+                [out, *bad])
+
+
+def tl_bad_init(tmp: Path, fx: Fx) -> Case:
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", "digits", *FAST, "--init", "imagenet", "--out", out],
+                ("train_large.init must be 'scratch', 'pretrained' or 'checkpoint:PATH'", "fix the value"), bad)
+
+
 def pc_out(tmp: Path) -> tuple[Path, list[Path]]:
     out = tmp / "pc" / "targets.h5"
     return out, [out]
@@ -710,8 +751,47 @@ def di_class_names_order(tmp: Path, fx: Fx) -> Case:
 def di_student_too_small_input(tmp: Path, fx: Fx) -> Case:
     out, bad = di_out(tmp)
     return Case(_distill(fx.targets, out, "--student", "vit_tiny_patch16_224"),
-                ("distill.student 'vit_tiny_patch16_224' cannot take the data's 1x8x8 inputs", "set data.input_size"),
+                ("distill.student 'vit_tiny_patch16_224' cannot take the data's 1x8x8 inputs", "data.input_size"),
                 [out, *bad])
+
+
+def di_student_head_without_reset(tmp: Path, fx: Fx) -> Case:
+    """A student checkpoint with a classifier for 1000 classes on the 10 digits, without distill.reset_head."""
+    import timm
+
+    torch.save(timm.create_model("test_resnet").state_dict(), tmp / "imagenet.pth")
+    out, bad = di_out(tmp)
+    return Case(_distill(fx.targets, out, "--student-init", f"checkpoint:{tmp / 'imagenet.pth'}"),
+                ("classifier for another number of classes", "distill.reset_head"), bad)
+
+
+def di_student_input_size_too_small(tmp: Path, fx: Fx) -> Case:
+    out, bad = di_out(tmp)
+    return Case(_distill(fx.targets, out, "--student", "test_convnext", "--input-size", "16"),
+                ("distill.student 'test_convnext' cannot take the data's 1x16x16 inputs", "distill.input_size"),
+                [out, *bad])
+
+
+def di_student_pretrained_not_in_cache(tmp: Path, fx: Fx) -> Case:
+    out, bad = di_out(tmp)
+    return Case(_distill(fx.targets, out, "--student", "hf-hub:acme/not-fetched", "--student-init", "pretrained"),
+                ("acme/not-fetched/config.json is not in the Hugging Face cache", "hf download acme/not-fetched"),
+                [out, *bad])
+
+
+def di_views_of_one_size_for_another(tmp: Path, fx: Fx) -> Case:
+    """A store whose views were stored as tensors of the teacher's size (rebuild scheme 1) cannot serve a student
+    at another size: refused, with the two ways out."""
+    master = tmp / "store" / "targets.h5"
+    cli("precompute", "--teacher", fx.teacher, "--out", master, "--views", "2", "--splits", "labeled,unlabeled",
+        "--quiet")
+    for path in [master, *shards_of(master)]:
+        with h5py.File(path, "r+") as f:
+            policy = json.loads(f.attrs["view_policy"])
+            f.attrs["view_policy"] = json.dumps({**policy, "rebuild": 1}, sort_keys=True)
+    out, bad = di_out(tmp)
+    return Case(_distill(master, out, "--input-size", "16"),
+                ("views were made with view rebuild scheme 1", "distill.replay_views=false"), [out, *bad])
 
 
 # ---------------------------------------------------------------------------------------------- inspect
@@ -914,14 +994,16 @@ BUILDERS: list[Callable[[Path, Fx], Case]] = [
     tl_resume_hostile, tl_device_cuda, tl_bad_device_name, tl_unknown_source_prefix, tl_missing_data_path,
     tl_yaml_python_object, tl_yaml_python_name, tl_set_python_tag, tl_malformed_set,
     tl_yaml_alias_bomb, tl_set_alias_bomb, tl_folder_symlink_loop, tl_folder_duplicate_file, tl_folder_empty_image,
-    tl_model_too_small_input,
+    tl_model_too_small_input, tl_pretrained_unknown_name, tl_pretrained_unknown_tag, tl_pretrained_not_in_cache,
+    tl_pretrained_head_never_trained, tl_bad_init,
     pc_topk_too_large, pc_negative_topk, pc_teacher_truncated, pc_teacher_other_arch, pc_checkpoint_other_arch,
     pc_teacher_hostile, pc_checkpoint_hostile, pc_class_count, pc_out_holds_other_store, pc_no_teacher,
     pc_second_writer, pc_note_then_error, pc_raw_pickle_teacher,
     di_other_data, di_missing_shard, di_master_without_shards, di_incomplete_master, di_unknown_schema,
     di_nan_logits, di_not_hdf5, di_teacher_as_targets, di_missing_store, di_outside_store_folder, di_negative_steps,
     di_unknown_mode, di_resume_nothing, di_resume_hostile, di_class_count, di_class_names_order,
-    di_student_too_small_input,
+    di_student_too_small_input, di_student_head_without_reset, di_student_input_size_too_small,
+    di_student_pretrained_not_in_cache, di_views_of_one_size_for_another,
     in_missing, in_missing_store, in_not_artifact, in_plain_state_dict, in_truncated, in_hostile,
     ex_targets_store, ex_truncated, ex_unknown_format, ex_hostile, ex_reduced_teacher,
     run_missing_pipeline, run_not_mapping, run_invalid_yaml, run_malformed_set, run_python_object, run_python_name,

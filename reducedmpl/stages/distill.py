@@ -319,6 +319,8 @@ def run(cfg: DistillConfig, targets: str | Path, out: str | Path, *, resume: boo
                 raise ConfigError("distill.pseudo_pool=unlabeled but the data has no unlabeled rows",
                                   "set distill.pseudo_pool=all, or keep some rows unlabeled (data.labeled_per_class)")
         check_store(store, data, needed)
+        if store.views > 1 and cfg.replay_views and cfg.mode != "supervised":
+            ViewPolicy.from_dict(store.meta.view_policy)  # views this version cannot rebuild: refused here
         check_model_fits(student.arch, data.source.num_classes, data.prep.in_chans, data.prep.input_size,
                          "distill.student", **student.model_args)
         return train(cfg, data, store, device, dist, Path(out), resume=resume, overwrite=overwrite,
@@ -336,17 +338,14 @@ def student_data(cfg: DistillConfig, data_cfg: DataConfig, student: ModelSource)
 
 
 def train(cfg: DistillConfig, data: DataSetup, store: TargetStore, device: torch.device, dist: distributed.Dist,
-          out: Path, *, resume: bool, overwrite: bool, console: Console, quiet: bool,
-          student: ModelSource | None = None) -> dict:
+          out: Path, *, resume: bool, overwrite: bool, console: Console, quiet: bool, student: ModelSource) -> dict:
     """The distill loop: batch, step, log, evaluate, checkpoint; then the final evaluation and the artifacts."""
-    student = student or model_source(cfg.student, cfg.student_init)
     config_dict = {**to_dict(cfg), "targets": str(store.path), "targets_run_key": store.meta.run_key,
                    "weights": student.record()}
     # the store is the same one when its run key is: a run and its store may move before --resume
     job = stage.StageRun(out, ARTIFACT, config_dict, dist, console, resume=resume, overwrite=overwrite,
                          ignore=("targets",))
-    note = console.print if job.main and job.state is None else None
-    d = Distiller(cfg, data, store, device, dist, student, note=note)
+    d = Distiller(cfg, data, store, device, dist, student, note=console.print if job.state is None else None)
     probes = Probes(data, store, cfg)
     ev = Evaluation(d, data, store)
     if job.state is not None:
