@@ -213,3 +213,52 @@ def test_run_stage_keys_change_when_the_weights_do(hub_cache, tmp_path: Path) ->
     assert all(a != b for a, b in zip(moved, keys))
     write_hub_model("timm/test_resnet.r160_in1k", "test_resnet")  # put the session's weights back
     write_hub_model("timm/test_efficientnet.r160_in1k", "test_efficientnet", seed=1)
+
+
+# ---------------------------------------------------------------------------------------------- the pipelines
+def test_every_reference_pipeline_names_models_timm_has() -> None:
+    """Each pipeline in pipelines/ loads, and each model it names exists in timm; a pretrained one with weights on
+    the Hub under that tag (looked up in timm's registry: nothing is fetched)."""
+    from conftest import REPO
+    from reducedmpl.hub import is_hub_name
+    from reducedmpl.models import model_source
+    from reducedmpl.pipeline import load_pipeline
+
+    for path in sorted((REPO / "pipelines").glob("*.yaml")):
+        pipe = load_pipeline(path)
+        models = [(pipe.train_large.model, pipe.train_large.init)]
+        models += [(d.config.student, d.config.student_init) for d in pipe.distills]
+        for name, init in models:
+            if init == "pretrained" and not is_hub_name(name):
+                from timm.models import get_pretrained_cfg
+
+                assert get_pretrained_cfg(name).hf_hub_id, (path.name, name)
+            else:
+                model_source(name, "scratch")
+
+
+@pytest.mark.slow
+def test_the_pretrained_folder_walkthrough_runs_as_written(tmp_path: Path) -> None:
+    """pipelines/pretrained-folder.yaml on a small folder and a Hub cache holding (random) weights for its two
+    models: the README's walkthrough, offline, with only the data, the schedule lengths, the batch sizes, the
+    workers and the device set on the command line."""
+    from conftest import REPO
+
+    write_hub_model("timm/convnext_tiny.in12k_ft_in1k", "convnext_tiny", 1000, seed=3)
+    write_hub_model("timm/resnet18.a1_in1k", "resnet18", 1000, seed=4)
+    images = smooth_folder(tmp_path / "images", classes=3, per_class=10)
+    cli("run", REPO / "pipelines" / "pretrained-folder.yaml", "--out-root", tmp_path / "runs", "--quiet",
+        "--set", f"data.source=folder:{images}", "--set", "data.num_workers=0", "--set", "train_large.epochs=1",
+        "--set", "train_large.batch_size=8", "--set", "precompute.batch_size=16", "--set", "distill.steps=2",
+        "--set", "distill.batch_size=4", "--set", "distill.unlabeled_batch_size=8", "--set", "distill.eval_every=2",
+        "--set", "train_large.device=cpu", "--set", "precompute.device=cpu", "--set", "distill.device=cpu")
+    run = tmp_path / "runs" / "pretrained-folder"
+    teacher = torch.load(next(run.glob("large-*/teacher.pt")), weights_only=True)
+    assert teacher["preprocess"]["input_size"] == 224 and teacher["preprocess"]["interpolation"] == "bicubic"
+    assert teacher["weights"]["hub_id"] == "timm/convnext_tiny.in12k_ft_in1k"
+    students = sorted({p.resolve() for p in run.glob("distill-*/student.pt")})  # named links point at keyed folders
+    assert len(students) == 3
+    for path in students:
+        art = torch.load(path, weights_only=True)
+        assert art["preprocess"]["input_size"] == 160 and art["weights"]["hub_id"] == "timm/resnet18.a1_in1k"
+    assert (run / "comparison.md").exists()
