@@ -117,7 +117,10 @@ def inspect_artifact(path: str | Path, *, latency: bool = True, runs: int | None
     prep = obj.get("preprocess") if isinstance(obj.get("preprocess"), dict) else {}
     data = obj.get("data") if isinstance(obj.get("data"), dict) else {}
     report: dict[str, Any] = {
-        "kind": kind, "path": str(path), "arch": obj.get("arch"), "num_classes": obj.get("num_classes"),
+        "kind": kind, "path": str(path), "arch": obj.get("arch"), "model_name": obj.get("model_name"),
+        "model_args": obj.get("model_args") or {}, "weights": obj.get("weights") or {},
+        "crop_pct": prep.get("crop_pct"), "interpolation": prep.get("interpolation"),
+        "num_classes": obj.get("num_classes"),
         "class_names": list(obj.get("class_names") or []), "in_chans": obj.get("in_chans"),
         "input_size": obj.get("input_size") or ([prep.get("in_chans"), prep.get("input_size"),
                                                  prep.get("input_size")] if prep else None),
@@ -218,7 +221,7 @@ def _strict_load_problem(sd: dict, report: dict, prep: dict) -> tuple[str | None
     if not isinstance(arch, str) or not isinstance(classes, int) or not isinstance(chans, int):
         return "arch, num_classes or in_chans is missing, so the weights cannot be checked", None
     try:
-        model = create_model(arch, classes, chans, input_size=prep.get("input_size"))
+        model = create_model(arch, classes, chans, input_size=prep.get("input_size"), **report["model_args"])
         model.load_state_dict(sd, strict=True)
     except Exception as e:  # noqa: BLE001 - any failure is a finding, not a crash
         first = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
@@ -281,14 +284,34 @@ def _store_rows(r: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def _arch(r: dict) -> str:
+    name = r.get("model_name")
+    return str(r.get("arch")) + (f"  (as {name})" if name and name != r.get("arch") else "")
+
+
+def _weights(w: Any) -> str:
+    """Where an artifact's starting weights came from."""
+    if not isinstance(w, dict) or not w:
+        return "not recorded"
+    if w.get("source") == "hf-hub":
+        return f"pretrained: {w.get('hub_id')} @ {str(w.get('revision'))[:12]}  {w.get('file')}  sha256 " \
+               f"{str(w.get('sha256'))[:12]}"
+    if w.get("source") == "checkpoint":
+        return f"checkpoint {w.get('file')}  sha256 {str(w.get('sha256'))[:12]}"
+    return str(w.get("source"))
+
+
 def _artifact_rows(r: dict) -> list[tuple[str, str]]:
     names = r.get("class_names") or []
     shown = ", ".join(map(str, names[:10])) + (", ..." if len(names) > 10 else "")
     metrics = r.get("metrics") or {}
     return [
-        ("path", r["path"]), ("kind", f"{r['kind']} artifact"), ("arch", str(r.get("arch"))),
+        ("path", r["path"]), ("kind", f"{r['kind']} artifact"), ("arch", _arch(r)),
+        ("weights", _weights(r.get("weights"))),
         ("classes", f"{r.get('num_classes')}  ({shown})"),
-        ("input size", f"{r.get('input_size')}  mean {r.get('mean')}  std {r.get('std')}"),
+        ("input size", f"{r.get('input_size')}  mean {r.get('mean')}  std {r.get('std')}  crop_pct "
+                       f"{r.get('crop_pct') if r.get('crop_pct') is not None else 'default'}  "
+                       f"{r.get('interpolation') or 'bilinear'}"),
         ("data", f"{r.get('data_source')}  split_seed {r.get('split_seed')}"),
         ("fingerprints", _fingerprints(r.get("fingerprints"))),
         ("metrics", ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())

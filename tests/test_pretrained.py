@@ -262,3 +262,15 @@ def test_the_pretrained_folder_walkthrough_runs_as_written(tmp_path: Path) -> No
         art = torch.load(path, weights_only=True)
         assert art["preprocess"]["input_size"] == 160 and art["weights"]["hub_id"] == "timm/resnet18.a1_in1k"
     assert (run / "comparison.md").exists()
+
+
+def test_inspect_shows_where_the_weights_came_from(hub_cache, tmp_path: Path) -> None:
+    cli("train-large", "--data", "digits", "--model", "hf-hub:acme/digits-resnet", "--init", "pretrained",
+        "--epochs", "0", "--out", tmp_path / "t", "--quiet")
+    shown = cli("inspect", tmp_path / "t" / "teacher.pt", "--no-latency").stdout
+    assert "test_resnet  (as hf-hub:acme/digits-resnet)" in shown
+    assert f"pretrained: acme/digits-resnet @ {HUB_REVISION[:12]}  model.safetensors  sha256 " \
+           f"{_file_sha('acme/digits-resnet')[:12]}" in shown
+    assert "crop_pct 1.0  bicubic" in shown
+    report = json.loads(cli("inspect", tmp_path / "t" / "teacher.pt", "--no-latency", "--json").stdout)
+    assert report["weights"]["hub_id"] == "acme/digits-resnet" and not report["problems"]
