@@ -227,6 +227,38 @@ class _LazyFields:
 _CFG_FIELDS = _LazyFields()
 
 
+def save_to_cache(cache: str | Path, repo: str, state_dict: dict, config: dict | None = None,
+                  revision: str = "0" * 40) -> Path:
+    """Put weights (and a timm ``config.json``) into a Hugging Face Hub cache in the hub's own layout, as a download
+    would: ``models--ORG--NAME/blobs/SHA256``, ``snapshots/REVISION/FILE`` linking there, ``refs/main``. For offline
+    machines and tests; ``hf-hub:ORG/NAME`` then resolves to it. Returns the snapshot folder."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    org, _, name = repo.partition("/")
+    folder = Path(cache) / f"models--{org}--{name}"
+    snapshot = folder / "snapshots" / revision
+    (folder / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    incoming = folder / "blobs" / "incoming"
+    files = {"model.safetensors": None, **({"config.json": json.dumps(config, indent=1)} if config else {})}
+    for filename, text in files.items():
+        if text is None:
+            save_file({k: v.contiguous() for k, v in state_dict.items()}, str(incoming))
+        else:
+            incoming.write_text(text)
+        blob = folder / "blobs" / hashlib.sha256(incoming.read_bytes()).hexdigest()
+        incoming.replace(blob)
+        link = snapshot / filename
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(os.path.relpath(blob, snapshot))
+    (folder / "refs").mkdir(exist_ok=True)
+    (folder / "refs" / "main").write_text(revision)
+    return snapshot
+
+
 @contextmanager
 def silence_timm():
     """timm's loader logs and warns about what it adapts (a replaced classifier, resampled position embeddings);

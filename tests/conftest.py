@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import atexit
-import hashlib
-import json
 import os
 import shutil
 import signal
@@ -115,37 +113,16 @@ HUB_REVISION = "3f2c1b0a9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b"
 
 def write_hub_model(repo: str, arch: str, num_classes: int = 1000, seed: int = 0, config: dict | None = None,
                     revision: str = HUB_REVISION, cache: Path = HUB_CACHE) -> dict:
-    """A model repository in the Hub cache's own layout: ``models--ORG--NAME/blobs/SHA256``, the snapshot
-    ``snapshots/REVISION/model.safetensors`` linking to it, and ``refs/main``; with ``config`` also a timm
-    ``config.json`` (for hf-hub: names). Returns the weights written (random, from ``seed``)."""
+    """A model repository in the test Hub cache (:func:`reducedmpl.hub.save_to_cache`: the hub's own layout), with
+    random weights from ``seed``; ``config``: a timm ``config.json`` too (for hf-hub: names). Returns the weights."""
     import timm
-    from safetensors.torch import save_file
+
+    from reducedmpl.hub import save_to_cache
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         weights = {k: v.contiguous() for k, v in timm.create_model(arch, num_classes=num_classes).state_dict().items()}
-    org, name = repo.split("/")
-    folder = cache / f"models--{org}--{name}"
-    snapshot = folder / "snapshots" / revision
-    (folder / "blobs").mkdir(parents=True, exist_ok=True)
-    snapshot.mkdir(parents=True, exist_ok=True)
-    files = {"model.safetensors": None}
-    if config is not None:
-        files["config.json"] = json.dumps(config).encode()
-    for filename, data in files.items():
-        tmp = folder / "blobs" / "incoming"
-        if data is None:
-            save_file(weights, str(tmp))
-        else:
-            tmp.write_bytes(data)
-        blob = folder / "blobs" / hashlib.sha256(tmp.read_bytes()).hexdigest()
-        tmp.replace(blob)
-        link = snapshot / filename
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(os.path.relpath(blob, snapshot))
-    (folder / "refs").mkdir(exist_ok=True)
-    (folder / "refs" / "main").write_text(revision)
+    save_to_cache(cache, repo, weights, config, revision)
     return weights
 
 

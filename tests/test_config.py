@@ -37,7 +37,7 @@ def test_file_then_set_then_flags(tmp_path):
     ({"train_large": {"ema": "yes"}}, "must be of type bool"),
     ({"train_large": {"optim": {"lr": -0.1}}}, "lr must be > 0"),
     ({"train_large": {"optim": {"sched": "linear"}}}, "must be one of"),
-    ({"train_large": {"init": "pretrained"}}, "scratch"),
+    ({"train_large": {"init": "imagenet"}}, "scratch"),
     ({"data": {"labeled_per_class": 3, "labeled_fraction": 0.5}}, "only one of"),
     ({"data": {"randaugment": "augmix"}}, "rand-m9-n2"),
     ({"train_large": {"device": "tpu"}}, "device"),
