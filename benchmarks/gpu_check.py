@@ -8,12 +8,17 @@ its error, or SKIP with the reason), then a summary:
 - an image folder through the DataLoader: batches come in pinned memory; train-large with 2 workers and
   precompute of that teacher;
 - train-large under ``torchrun`` with 1 process, and with 2 processes (nccl; needs 2 GPUs, as nccl puts one rank
-  on each GPU).
+  on each GPU);
+- with ``--teacher NAME --student NAME``: a pretrained teacher at 224 px fine-tuned on the folder, its 4-view store,
+  and a pretrained student at 160 px distilled from the views (AMP). The weights come from the Hugging Face Hub
+  cache; ``--random-weights`` first writes random weights for the two names into a temporary cache (a machine
+  without the real ones checks the same paths).
 
 On a machine without CUDA it says that it needs a GPU and exits 0 (nothing to check). Exit code 1 when a check
 failed.
 
-    python benchmarks/gpu_check.py [--keep DIR]
+    python benchmarks/gpu_check.py [--keep DIR] [--teacher convnext_tiny.in12k_ft_in1k --student resnet18.a1_in1k
+                                   [--random-weights]]
 """
 from __future__ import annotations
 
@@ -108,9 +113,43 @@ def pinned_batches(folder: Path) -> str:
     return f"{len(batches)} pinned batches, copied to {x.device}"
 
 
+def random_weights(names: list[str], cache: Path) -> None:
+    """Random weights for timm ``NAME.TAG`` names, in a Hub cache at ``cache`` (used instead of the real cache)."""
+    import timm
+
+    from reducedmpl.hub import save_to_cache, split_name
+
+    for name in names:
+        arch = split_name(name)[0]
+        save_to_cache(cache, timm.models.get_pretrained_cfg(name).hf_hub_id, timm.create_model(arch).state_dict())
+    os.environ.update(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+
+
+def pretrained_checks(c: Checks, args, work: Path, folder: Path) -> None:
+    """A pretrained teacher at 224 px into a pretrained student at 160 px, through 4 stored views, on the GPU."""
+    if args.random_weights:
+        random_weights([args.teacher, args.student], work / "hub")
+    t, store, s = work / "pretrained-teacher", work / "pretrained-targets" / "targets.h5", work / "pretrained-student"
+    name = f"train-large {args.teacher} pretrained at 224 px (AMP)"
+    c.run(name, lambda: expect(cli("train-large", "--data", f"folder:{folder}", "--model", args.teacher, "--init",
+                                   "pretrained", "--device", "cuda", "--epochs", "1", "--quiet", "--set",
+                                   "train_large.input_size=224", "--set", "data.num_workers=2", "--out", t),
+                               t / "teacher.pt"))
+    c.run("precompute 4 views at 224 px", lambda: expect(
+        cli("precompute", "--teacher", t / "teacher.pt", "--out", store, "--device", "cuda", "--views", "4",
+            "--quiet"), store), needs=(name,))
+    c.run(f"distill {args.student} pretrained at 160 px from the views (AMP)", lambda: expect(
+        cli("distill", "--targets", store, "--student", args.student, "--student-init", "pretrained",
+            "--input-size", "160", "--steps", "20", "--device", "cuda", "--quiet", "--out", s), s / "student.pt"),
+        needs=("precompute 4 views at 224 px",))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--keep", type=Path, default=None, help="work in this folder and keep it (default: temporary)")
+    ap.add_argument("--teacher", default=None, help="a pretrained timm teacher (NAME.TAG or hf-hub:ORG/NAME)")
+    ap.add_argument("--student", default=None, help="a pretrained timm student")
+    ap.add_argument("--random-weights", action="store_true", help="random weights for both in a temporary cache")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("gpu_check needs a CUDA GPU, and there is none here: nothing was checked")
@@ -148,6 +187,9 @@ def main() -> int:
         c.run("precompute a folder on the GPU (2 workers)", lambda: expect(
             cli("precompute", "--teacher", ft / "teacher.pt", "--out", fstore, "--device", "cuda", "--quiet",
                 "--set", "data.num_workers=2"), fstore), needs=("train-large on a folder (2 workers, pinned memory)",))
+
+        if args.teacher and args.student:
+            pretrained_checks(c, args, work, folder)
 
         for nproc in (1, 2):
             name = f"torchrun train-large, {nproc} process(es), nccl"
