@@ -9,6 +9,7 @@ embeddings and replaces a classifier for another number of classes.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -181,22 +182,19 @@ def resolve(name: str, weights: bool = True) -> Pretrained:
 
 def create_pretrained(weights: Pretrained, num_classes: int, in_chans: int, input_size: int | None = None,
                       **kwargs: Any):
-    """The model with ``weights``, through timm's loader; a classifier for another class count is replaced."""
-    import timm
+    """The model with ``weights``, through timm's loader (from the resolved file, nothing is fetched); a classifier
+    for another class count is replaced."""
+    from .models import create_model
 
-    cfg = {k: v for k, v in weights.cfg.items() if k in _CFG_FIELDS}
+    cfg = {k: v for k, v in weights.cfg.items() if k in _cfg_fields()}
     cfg.update(file=weights.file, source="", hf_hub_id="", url="", hf_hub_filename=None, state_dict=None)
     model_args = {**weights.model_args, **kwargs}
     for key in ("num_classes", "in_chans", "img_size", "pretrained_cfg", "pretrained", "pretrained_cfg_overlay"):
         model_args.pop(key, None)
     with silence_timm():
         try:
-            try:
-                return timm.create_model(weights.arch, pretrained=True, pretrained_cfg=cfg, num_classes=num_classes,
-                                         in_chans=in_chans, img_size=input_size, **model_args)
-            except TypeError:  # a model without img_size
-                return timm.create_model(weights.arch, pretrained=True, pretrained_cfg=cfg, num_classes=num_classes,
-                                         in_chans=in_chans, **model_args)
+            return create_model(weights.arch, num_classes, in_chans, input_size, pretrained=True, pretrained_cfg=cfg,
+                                **model_args)
         except (RuntimeError, ValueError, KeyError, OSError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ArtifactError(f"the weights of {weights.name!r} ({weights.file}) do not load into {weights.arch!r} "
@@ -205,26 +203,14 @@ def create_pretrained(weights: Pretrained, num_classes: int, in_chans: int, inpu
                                 "again)") from None
 
 
-def _pretrained_cfg_fields() -> frozenset[str]:
+@functools.lru_cache(maxsize=1)
+def _cfg_fields() -> frozenset[str]:
+    """The field names of timm's PretrainedCfg (what a pretrained configuration may hold)."""
     import dataclasses
 
     from timm.models import PretrainedCfg
 
     return frozenset(f.name for f in dataclasses.fields(PretrainedCfg))
-
-
-class _LazyFields:
-    """The field names of timm's PretrainedCfg, read on first use (timm is imported lazily)."""
-
-    _names: frozenset[str] | None = None
-
-    def __contains__(self, key: str) -> bool:
-        if self._names is None:
-            self._names = _pretrained_cfg_fields()
-        return key in self._names
-
-
-_CFG_FIELDS = _LazyFields()
 
 
 def save_to_cache(cache: str | Path, repo: str, state_dict: dict, config: dict | None = None,

@@ -33,13 +33,14 @@ def check_model_name(name: str) -> None:
 
 
 def create_model(name: str, num_classes: int, in_chans: int, input_size: int | None = None, **kwargs: Any) -> nn.Module:
-    """A timm model from scratch (never downloads weights)."""
+    """A timm model, from scratch unless ``kwargs`` say otherwise (:func:`hub.create_pretrained` passes a resolved
+    weights file); nothing is ever downloaded here."""
     check_model_name(name)
+    kwargs.setdefault("pretrained", False)
     try:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans,
-                                 img_size=input_size, **kwargs)
-    except TypeError:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        return timm.create_model(name, num_classes=num_classes, in_chans=in_chans, img_size=input_size, **kwargs)
+    except TypeError:  # a model without img_size
+        return timm.create_model(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
 
 
 def check_model_fits(name: str, num_classes: int, in_chans: int, input_size: int, what: str = "model",
