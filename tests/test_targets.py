@@ -250,6 +250,20 @@ def test_refuses_incomplete_master(dense: Written) -> None:
         TargetStore.open(dense.master)
 
 
+@pytest.mark.parametrize("attr, value, message", [("complete", False, "is incomplete"),
+                                                    ("run_key", "run-2", "belongs to another precompute run")])
+def test_reader_refuses_a_shard_incomplete_or_of_another_run(dense: Written, attr: str, value: Any,
+                                                             message: str) -> None:
+    """The master is complete, but one shard behind it is not (or was written by another run): refused at open,
+    naming the shard, in memory and out of core."""
+    shard = shard_paths(dense.master, 3)[1]
+    with h5py.File(shard, "r+") as f:
+        f.attrs[attr] = value
+    for budget in (BIG, NONE):
+        with pytest.raises(ArtifactError, match=f"shard {shard}.*{message}|{message}.*{shard}"):
+            TargetStore.open(dense.master, memory_budget_bytes=budget)
+
+
 def test_refuses_unknown_schema_version(dense: Written) -> None:
     with h5py.File(dense.master, "r+") as f:
         f.attrs["schema_version"] = 3
