@@ -443,7 +443,8 @@ def tl_folder_hard_link(tmp: Path, fx: Fx) -> Case:
     os.link(root / "dog" / "1.png", root / "cat" / "9.png")
     out, bad = tl_out(tmp)
     return Case(["train-large", "--data", f"folder:{root}", "--out", out, *FAST],
-                ("dog/1.png is the same file as", "cat/9.png (a link or a duplicate)", "remove one of them"), [out, *bad])
+                ("dog/1.png is the same file as", "cat/9.png (a link or a duplicate)", "remove one of them"),
+                [out, *bad])
 
 
 def tl_folder_linked_under_two_classes(tmp: Path, fx: Fx) -> Case:
