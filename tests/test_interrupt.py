@@ -564,6 +564,7 @@ def test_distill_ctrl_c_at_a_random_point(distill_args, distill_ref, chance, tmp
             assert max(r["step"] for r in rows(metrics) if "step" in r) == step, why
         continue_run(distill_args, cut, how)
     elif rc == -sig:  # after the loop the default action is back: like a kill, nothing half-done is trusted
+        assert max(r["step"] for r in rows(metrics) if "step" in r) == DISTILL_STEPS + DISTILL_FINETUNE, why
         continue_run(distill_args, cut, check_run_folder(cut, distill_ref.out, "student.pt", why))
     assert_same_run(distill_ref.out, cut, "student.pt", why)
 
