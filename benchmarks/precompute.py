@@ -10,8 +10,8 @@ Prints ratios measured side by side in one run on this machine:
    Beside it: the CPU-time ratio, and precompute's time split into setup (before the first forward pass), loop
    and tail (after the last), with the loop over pure inference - the per-row overhead. On a machine shared with
    other jobs wall times swing; the script says how busy the cores were;
-2. bytes per row of the store: dense float16 / float32 vs top-k, on disk for the benchmark's data and for a
-   1000-class table;
+2. bytes per row of the store: dense float16 / float32 vs top-k, on disk for the benchmark's data; for a
+   1000-class table the formula's (``target_bytes_per_row``), not a measurement;
 3. reader throughput on random 256-row batches of a simulated 1,281,167 x 1000 table (the logic of
    ``benchmarks/targets_reader.py``): dense and top-k in memory (target >= 50,000 rows/s).
 
@@ -20,6 +20,7 @@ Prints ratios measured side by side in one run on this machine:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -41,7 +42,7 @@ from reducedmpl.files import save_torch
 from reducedmpl.models import build_artifact, create_model
 from reducedmpl.stages import precompute
 from reducedmpl.data.setup import DataSetup
-from reducedmpl.targets import TargetStore
+from reducedmpl.targets import StoreMeta, TargetStore, target_bytes_per_row
 
 from _data import default_data  # noqa: E402 - benchmarks/ is on sys.path when a script runs
 
@@ -155,7 +156,7 @@ def bench_overhead(folder: Path, teacher: Path, batch_size: int, repeats: int, t
     out = folder / "o" / "targets.h5"
     for what in ("pure", "stage"):  # warm-up: page cache
         measure_in_child(what, teacher, out, batch_size, threads)
-    keys = ("pure", "stage", "ratio", "cpu_ratio", "setup", "tail", "steady")
+    keys = ("pure", "stage", "ratio", "cpu_ratio", "setup", "tail", "steady", "own")
     m: dict[str, list[float]] = {k: [] for k in keys}
     for r in range(repeats):
         order = ("pure", "stage") if r % 2 == 0 else ("stage", "pure")
@@ -163,7 +164,7 @@ def bench_overhead(folder: Path, teacher: Path, batch_size: int, repeats: int, t
         pure, stage = got["pure"], got["stage"]
         row = {"pure": pure["wall"], "stage": stage["wall"], "ratio": stage["wall"] / pure["wall"],
                "cpu_ratio": stage["cpu"] / pure["cpu"], "setup": stage["setup"], "tail": stage["tail"],
-               "steady": stage["loop"] / pure["wall"]}
+               "steady": stage["loop"] / pure["wall"], "own": stage["wall"] / stage["forward"]}
         for k in keys:
             m[k].append(row[k])
         print(f"  round {r + 1} ({' then '.join(order)}): pure inference {pure['wall']:.2f} s, precompute "
@@ -178,7 +179,8 @@ def bench_overhead(folder: Path, teacher: Path, batch_size: int, repeats: int, t
           f"through precompute, {rows / med['pure']:,.0f} rows/s bare")
     print(f"  of which fixed: setup (teacher and data loading, model, hashing) median {med['setup']:.2f} s, tail "
           f"(last shard, master file, fsync) {med['tail']:.2f} s; per row: the loop (batches, forward, writes) over "
-          f"pure inference, median {med['steady']:.3f}")
+          f"pure inference, median {med['steady']:.3f}; precompute wall time / its own forward passes (the same "
+          f"process), median {med['own']:.3f}")
     return stage["bytes_per_row"]
 
 
@@ -191,10 +193,13 @@ def bench_bytes(folder: Path, teacher: Path, batch_size: int, classes: int, dens
     print(f"bytes/row on disk, this data ({classes} classes, id/label/split and HDF5 overhead included): "
           + ", ".join(f"{k} {v:.1f}" for k, v in sizes.items()))
     k, c = 10, 1000
-    dense16, dense32, topk16 = 2 * c, 4 * c, k * (2 + 2) + 4
-    print(f"bytes/row of the logits table at {c} classes: dense float16 {dense16}, dense float32 {dense32}, "
-          f"top-{k} float16 {topk16} (int16 index, float32 logsumexp): top-{k} is {dense16 / topk16:.0f}x smaller "
-          f"than dense float16, {dense32 / topk16:.0f}x smaller than float32")
+    meta = StoreMeta("arch", "", [str(i) for i in range(c)], "", 0, {})
+    dense16, dense32, topk16 = (target_bytes_per_row(dataclasses.replace(meta, **m))
+                                for m in ({}, {"dtype": "float32"}, {"topk": k}))
+    print(f"bytes/row of the targets at {c} classes, computed by target_bytes_per_row (the formula, not a "
+          f"measurement; benchmarks/store_size.py measures stores on disk): dense float16 {dense16}, dense float32 "
+          f"{dense32}, top-{k} float16 {topk16} (float16 logits, int16 index, float32 logsumexp): top-{k} is "
+          f"{dense16 / topk16:.0f}x smaller than dense float16, {dense32 / topk16:.0f}x smaller than float32")
 
 
 def bench_reader(folder: Path, rows: int, classes: int, batches: int) -> None:

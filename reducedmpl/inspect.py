@@ -4,7 +4,8 @@ Pure functions return plain dicts (usable from Python and notebooks); :func:`ren
 Every report has ``kind`` and ``problems``: an empty list means the artifact is sound.
 
 * targets store (``targets.h5`` or its folder): :func:`reducedmpl.targets.verify_store` - rows per split, the
-  teacher's accuracy / entropy / calibration, NaN/Inf, shard completeness and provenance.
+  teacher's accuracy / entropy / calibration (and, for a store of views, accuracy and entropy per view), NaN/Inf,
+  shard completeness and provenance.
 * ``teacher.pt`` / ``student.pt``: what the artifact records, and a soundness check - its state dict loads
   strictly into the timm model it names and every weight is finite.
 * ``reduced_teacher.pt``: its shape and provenance; it loads strictly into a ``ReducedTeacher`` of that shape.
@@ -349,6 +350,9 @@ def render(report: dict, console: Console) -> None:
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)
+    views = report.get("views") or []
+    if len(views) > 1:
+        console.print(_views_table(views))
     shards = report.get("shards") or []
     if len(shards) > 1:
         st = Table("shard", "rows", "complete", "same run")
@@ -360,6 +364,20 @@ def render(report: dict, console: Console) -> None:
             console.print(f"problem: {problem}", style="red", highlight=False, soft_wrap=True)
     else:
         console.print("sound", style="green")
+
+
+def _views_table(views: list[dict]) -> Table:
+    """The teacher on each stored view (0: the clean input), and the augmented views together."""
+    table = Table("view", "teacher accuracy", "mean entropy", title="the teacher on each stored view")
+    for v in views:
+        table.add_row(str(v["view"]), f"{_pct(v['teacher_accuracy'])} on {v['labeled_rows']:,} rows",
+                      "n/a" if v["mean_entropy"] is None else f"{v['mean_entropy']:.4f} nats")
+    acc = [v["teacher_accuracy"] for v in views[1:] if v["teacher_accuracy"] is not None]
+    ent = [v["mean_entropy"] for v in views[1:] if v["mean_entropy"] is not None]
+    if acc and ent:
+        table.add_row(f"1..{len(views) - 1}", f"{_pct(sum(acc) / len(acc))} ({_pct(min(acc))}-{_pct(max(acc))})",
+                      f"{sum(ent) / len(ent):.4f} nats")
+    return table
 
 
 def _views_text(provenance: dict) -> str:

@@ -1,5 +1,5 @@
 """Run by ``torchrun`` in tests/test_distributed.py: a few distill steps on every rank, then each rank saves
-what it holds (reduced teacher, student) to OUT/rank{R}.pt so the test can compare the ranks."""
+what it holds (reduced teacher before and after, student) to OUT/rank{R}.pt so the test can compare the ranks."""
 from __future__ import annotations
 
 import argparse
@@ -36,8 +36,9 @@ def main() -> None:
     cfg = dataclasses.replace(cfg, data=to_dict(data_cfg))
     data = setup_data(data_cfg)
     d = Distiller(cfg, data, store, device, dist)
+    initial = {k: v.clone() for k, v in d.teacher.model.state_dict().items()}
     outs = [d.step(measure=True) for _ in range(args.steps)]
-    torch.save({"teacher": d.teacher.model.state_dict(), "student": d.student.model.state_dict(),
+    torch.save({"initial_teacher": initial, "teacher": d.teacher.model.state_dict(), "student": d.student.model.state_dict(),
                 "h": [o.h for o in outs], "student_loss": [o.student_loss for o in outs]},
                Path(args.out) / f"rank{dist.rank}.pt")
     distributed.shutdown()

@@ -12,6 +12,7 @@ import ast
 import gzip
 import hashlib
 import json
+import os
 import pickle
 import shutil
 import struct
@@ -439,6 +440,26 @@ def tl_folder_duplicate_file(tmp: Path, fx: Fx) -> Case:
     out, bad = tl_out(tmp)
     return Case(["train-large", "--data", f"folder:{root}", "--out", out, *FAST],
                 ("is the same file as", "remove one of them"), [out, *bad])
+
+
+def tl_folder_hard_link(tmp: Path, fx: Fx) -> Case:
+    """A hard link is no link to follow: only the file's identity (device, inode) shows it is listed twice."""
+    root = image_folder(tmp / "data")
+    os.link(root / "dog" / "1.png", root / "cat" / "9.png")
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", f"folder:{root}", "--out", out, *FAST],
+                ("dog/1.png is the same file as", "cat/9.png (a link or a duplicate)", "remove one of them"),
+                [out, *bad])
+
+
+def tl_folder_linked_under_two_classes(tmp: Path, fx: Fx) -> Case:
+    """dog/cats -> ../cat: every cat image would also be a dog."""
+    root = image_folder(tmp / "data")
+    (root / "dog" / "cats").symlink_to("../cat")
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", f"folder:{root}", "--out", out, *FAST],
+                ("dog/cats is", "cat again (a folder linked twice)", "so that every folder is reached once"),
+                [out, *bad])
 
 
 def tl_folder_empty_image(tmp: Path, fx: Fx) -> Case:
@@ -993,7 +1014,8 @@ BUILDERS: list[Callable[[Path, Fx], Case]] = [
     tl_init_other_class_count, tl_init_hostile, tl_out_holds_run, tl_out_holds_unfinished_run, tl_resume_nothing, tl_resume_finished,
     tl_resume_hostile, tl_device_cuda, tl_bad_device_name, tl_unknown_source_prefix, tl_missing_data_path,
     tl_yaml_python_object, tl_yaml_python_name, tl_set_python_tag, tl_malformed_set,
-    tl_yaml_alias_bomb, tl_set_alias_bomb, tl_folder_symlink_loop, tl_folder_duplicate_file, tl_folder_empty_image,
+    tl_yaml_alias_bomb, tl_set_alias_bomb, tl_folder_symlink_loop, tl_folder_duplicate_file, tl_folder_hard_link,
+    tl_folder_linked_under_two_classes, tl_folder_empty_image,
     tl_model_too_small_input, tl_pretrained_unknown_name, tl_pretrained_unknown_tag, tl_pretrained_not_in_cache,
     tl_pretrained_head_never_trained, tl_bad_init,
     pc_topk_too_large, pc_negative_topk, pc_teacher_truncated, pc_teacher_other_arch, pc_checkpoint_other_arch,

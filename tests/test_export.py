@@ -56,8 +56,8 @@ def test_onnx_fixed_batch_and_normalisation_inside(tiny_student, tmp_path):
     pixels = x * std + mean  # what a user feeds: pixels in [0, 1]
     got = session.run(None, {"input": pixels.numpy()})[0]
     np.testing.assert_allclose(got, _reference(tiny_student, x), atol=1e-4, rtol=1e-4)
-    with pytest.raises(Exception):  # the batch is fixed: 3 rows are refused by the runtime
-        session.run(None, {"input": pixels[:3].numpy()})
+    with pytest.raises(ort.capi.onnxruntime_pybind11_state.InvalidArgument, match="[Ii]nvalid dimensions"):
+        session.run(None, {"input": pixels[:3].numpy()})  # the batch is fixed: 3 rows are refused by the runtime
 
 
 @pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:FutureWarning")
@@ -121,13 +121,49 @@ def test_export_refuses_an_unknown_format_and_misplaced_options(tiny_student, tm
     assert not list(tmp_path.iterdir())
 
 
-def test_a_mismatching_export_is_not_written(tiny_student, tmp_path, monkeypatch):
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:FutureWarning")
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_a_mismatching_export_is_not_written(tiny_student, tmp_path, monkeypatch, fmt):
     """The check has teeth: an exported graph whose logits differ from PyTorch's is refused and removed."""
-    pytest.importorskip("onnxruntime")
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
     import reducedmpl.export as ex
 
     real = ex._reference
     monkeypatch.setattr(ex, "_reference", lambda model, x: real(model, x) + 1e-3)
-    r = cli("export", tiny_student, "--format", "onnx", "--out", tmp_path / "x.onnx", check=False)
-    assert_one_line_error(r, "differ from PyTorch's", "nothing was written")
+    r = cli("export", tiny_student, "--format", fmt, "--out", tmp_path / "x", check=False)
+    assert_one_line_error(r, f"the {'ONNX' if fmt == 'onnx' else 'TorchScript'} export's logits differ from "
+                          "PyTorch's", "nothing was written")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_safetensors_file_without_the_artifacts_weights_is_not_written(tiny_teacher, tmp_path, monkeypatch):
+    import reducedmpl.export as ex
+
+    real = ex._export_safetensors
+
+    def one_weight_off(model, art, tmp):
+        with torch.no_grad():
+            next(model.parameters()).add_(1e-3)
+        real(model, art, tmp)
+
+    monkeypatch.setattr(ex, "_export_safetensors", one_weight_off)
+    r = cli("export", tiny_teacher, "--format", "safetensors", "--out", tmp_path / "x.safetensors", check=False)
+    assert_one_line_error(r, "does not hold the artifact's weights", "nothing was written")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.*deprecated:FutureWarning")
+def test_random_inputs_check_an_artifact_whose_data_is_not_here(tiny_student, tmp_path):
+    """The recorded data cannot be loaded on this machine: the check runs on random inputs of the model's input
+    shape, and says so."""
+    art = safe_load(tiny_student)
+    art["data"] = {**art["data"], "source": f"mnist:{tmp_path / 'gone'}"}
+    moved = tmp_path / "student.pt"
+    torch.save(art, moved)
+    r = cli("export", moved, "--format", "torchscript", "--out", tmp_path / "s.pt")
+    assert "checked against PyTorch on 64 random inputs (the recorded data could not be loaded" in r.stdout
+    check = json.loads((tmp_path / "s.pt.json").read_text())["check"]
+    assert check["checked"] and check["inputs"].startswith("64 random inputs") and check["max_abs_diff"] <= 1e-4
+    x, described = check_inputs(art, rows=5)
+    assert x.shape == (5, 1, 8, 8) and described.startswith("5 random inputs")

@@ -268,15 +268,17 @@ def check_store_folder(folder: Path, ref_folder: Path, why: object, extra: froze
                     assert np.array_equal(f[name][...], g[name][...]), (p.name, name, str(why))
 
 
-def raise_sigint_at(monkeypatch, cls, name: str, when: Callable[..., bool], times: int = 1) -> None:
-    """Press Ctrl-C (``times`` in a row) inside ``cls.name`` when ``when(self, *args)`` holds, once."""
+def raise_sigint_at(monkeypatch, cls, name: str, when: Callable[..., bool], times: int = 1,
+                    sig: int = signal.SIGINT) -> None:
+    """Press Ctrl-C (``times`` in a row; or send ``sig``) inside ``cls.name`` when ``when(self, *args)`` holds,
+    once."""
     original, fired = getattr(cls, name), []
 
     def patched(self, *args):
         if not fired and when(self, *args):
             fired.append(True)
             for _ in range(times):
-                signal.raise_signal(signal.SIGINT)
+                signal.raise_signal(sig)
         return original(self, *args)
 
     monkeypatch.setattr(cls, name, patched)
@@ -470,6 +472,39 @@ def test_second_ctrl_c_stops_at_once(train_ref, one_thread, tmp_path, monkeypatc
     assert_same_run(train_ref.out, cut, "teacher.pt", "")
 
 
+def test_distill_sigterm_finishes_the_step_and_exits_130(distill_args, one_thread, tmp_path, monkeypatch):
+    """SIGTERM (a scheduler's preemption) in step 13 acts as Ctrl-C: the step finishes, last.pt holds step 13 (the
+    periodic checkpoints are every 15), exit 130. A guard stands in for SIGTERM's default action, so a SIGTERM that
+    the tool does not catch fails the test instead of ending it."""
+    def default_action(signum, frame):
+        raise AssertionError("SIGTERM was not caught: the default action would end the process")
+
+    cut = tmp_path / "cut"
+    raise_sigint_at(monkeypatch, Distiller, "step", lambda self, measure: self.step_count == 12, sig=signal.SIGTERM)
+    previous = signal.signal(signal.SIGTERM, default_action)
+    try:
+        r = cli(*distill_args, "--out", cut, check=False)
+        assert signal.getsignal(signal.SIGTERM) is default_action  # the handler is restored
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert r.exit_code == 130, (r.exit_code, r.stderr, r.exception)
+    assert f"interrupted at step 13/{DISTILL_STEPS + DISTILL_FINETUNE}" in r.stderr and "--resume" in r.stderr
+    assert safe_load(cut / "last.pt")["distiller"]["step"] == 13 and not (cut / "student.pt").exists()
+    assert rows(cut / "metrics.jsonl")[-1]["step"] == 13
+
+
+def test_distill_second_ctrl_c_stops_at_once(distill_args, one_thread, tmp_path, monkeypatch):
+    """Two Ctrl-Cs in step 18: the run stops inside the step, without a checkpoint there; last.pt is the periodic
+    one of step 15, and it is sound."""
+    cut = tmp_path / "cut"
+    raise_sigint_at(monkeypatch, Distiller, "step", lambda self, measure: self.step_count == 17, times=2)
+    r = cli(*distill_args, "--out", cut, check=False)
+    assert r.exit_code == 130 and "--resume" in r.stderr and "Traceback" not in r.stderr, (r.stderr, r.exception)
+    assert safe_load(cut / "last.pt")["distiller"]["step"] == 15 and not (cut / "student.pt").exists()
+    assert max(row["step"] for row in rows(cut / "metrics.jsonl")) == 17  # the step in progress never finished
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_graceful_stop_agreement_hook():
     """``requested`` goes through ``agree`` (what a distributed run replaces) and stays true once true."""
     votes = []
@@ -529,6 +564,7 @@ def test_distill_ctrl_c_at_a_random_point(distill_args, distill_ref, chance, tmp
             assert max(r["step"] for r in rows(metrics) if "step" in r) == step, why
         continue_run(distill_args, cut, how)
     elif rc == -sig:  # after the loop the default action is back: like a kill, nothing half-done is trusted
+        assert max(r["step"] for r in rows(metrics) if "step" in r) == DISTILL_STEPS + DISTILL_FINETUNE, why
         continue_run(distill_args, cut, check_run_folder(cut, distill_ref.out, "student.pt", why))
     assert_same_run(distill_ref.out, cut, "student.pt", why)
 

@@ -213,6 +213,40 @@ def test_online_kd_teacher_sees_the_students_view_and_matches_the_store(tiny_tea
     store.close()
 
 
+def test_online_kd_teacher_runs_on_the_students_augmented_view(tiny_teacher, tiny_targets, monkeypatch):
+    """With augmentation on (random crop, flip), the target of each row is the teacher's output on the very input
+    the student trains on in that step, not on the clean image: the two differ here."""
+    from reducedmpl.config import stage_config
+    from reducedmpl.data.setup import setup_data
+    from reducedmpl.stages.distill import Distiller, open_store, resolve_data
+
+    cfg = stage_config("distill", flags={"mode": "online-kd", "large_teacher": str(tiny_teacher), "steps": 3,
+                                         "data": {"crop_padding": 2, "hflip": True}, "device": "cpu"})
+    store = open_store(tiny_targets, 64)
+    d = Distiller(cfg, setup_data(resolve_data(cfg, store)), store, CPU)
+    x_u, _, ids = d.unlabeled.batcher.batch(0, 0)  # the first step's pseudo-label batch (a function of its seed)
+    seen = {}
+    forward, kd_loss = d.method.student.forward, mpl.kd_student_loss
+
+    def student_forward(x):
+        seen["student"] = x.detach().clone()
+        return forward(x)
+
+    def spy_kd_loss(logits_u, log_q_u, *args):
+        seen["target"] = log_q_u.detach().clone()
+        return kd_loss(logits_u, log_q_u, *args)
+
+    monkeypatch.setattr(d.method.student, "forward", student_forward)
+    monkeypatch.setattr(mpl, "kd_student_loss", spy_kd_loss)
+    d.step(measure=True)
+    student_view = seen["student"][:len(x_u)]
+    assert torch.equal(student_view, x_u)
+    torch.testing.assert_close(seen["target"], d.method.large.log_probs(student_view), rtol=0, atol=1e-6)
+    clean = torch.from_numpy(store.log_probs(ids.numpy()))
+    assert (seen["target"] - clean).abs().amax() > 1e-2  # the clean image's target is another one
+    store.close()
+
+
 def test_online_kd_needs_a_teacher_of_the_datas_classes(tiny_targets, tmp_path):
     from conftest import assert_one_line_error, cli
 

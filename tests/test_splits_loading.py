@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -85,9 +87,21 @@ def test_stream_resumes_at_the_same_batch(digits):
         assert torch.equal(a, b)
 
 
-def test_randaugment_batches_are_deterministic(digits):
-    cfg = DataConfig(randaugment="rand-m9-n2")
-    rows = make_splits(digits, cfg).indices["labeled"][:64]
-    prep = default_preprocess(digits, rows, cfg)
-    bt = Batcher(digits, rows, prep, cfg, batch_size=16, train=True, seed=0)
-    assert torch.equal(bt.batch(0, 1)[0], bt.batch(0, 1)[0])
+def test_randaugment_batches_are_deterministic_and_augmented(digits):
+    """RandAugment (the only augmentation here) changes most images of a batch, the same way each time the batch is
+    made; rand-m0-n2 (magnitude 0) changes fewer pixels than rand-m9-n2."""
+    plain = DataConfig(crop_padding=0, hflip=False)
+    rows = make_splits(digits, plain).indices["labeled"][:64]
+    prep = default_preprocess(digits, rows, plain)
+
+    def batch(cfg):
+        x, _, ids = Batcher(digits, rows, prep, cfg, batch_size=32, train=True, seed=0).batch(0, 1)
+        return x, ids
+
+    x0, ids0 = batch(plain)
+    x9, ids9 = batch(dataclasses.replace(plain, randaugment="rand-m9-n2"))
+    assert torch.equal(ids0, ids9) and torch.equal(x9, batch(dataclasses.replace(plain, randaugment="rand-m9-n2"))[0])
+    changed = (x9 - x0).abs().flatten(1).amax(1) > 1e-3
+    assert changed.float().mean() > 0.5, changed  # some images draw two geometric ops of magnitude 0, or Identity
+    x_m0 = batch(dataclasses.replace(plain, randaugment="rand-m0-n2"))[0]
+    assert (x_m0 - x0).abs().mean() < (x9 - x0).abs().mean()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,6 +251,20 @@ def test_refuses_incomplete_master(dense: Written) -> None:
         TargetStore.open(dense.master)
 
 
+@pytest.mark.parametrize("attr, value, message", [("complete", False, "is incomplete"),
+                                                    ("run_key", "run-2", "belongs to another precompute run")])
+def test_reader_refuses_a_shard_incomplete_or_of_another_run(dense: Written, attr: str, value: Any,
+                                                             message: str) -> None:
+    """The master is complete, but one shard behind it is not (or was written by another run): refused at open,
+    naming the shard, in memory and out of core."""
+    shard = shard_paths(dense.master, 3)[1]
+    with h5py.File(shard, "r+") as f:
+        f.attrs[attr] = value
+    for budget in (BIG, NONE):
+        with pytest.raises(ArtifactError, match=f"shard {shard}.*{message}|{message}.*{shard}"):
+            TargetStore.open(dense.master, memory_budget_bytes=budget)
+
+
 def test_refuses_unknown_schema_version(dense: Written) -> None:
     with h5py.File(dense.master, "r+") as f:
         f.attrs["schema_version"] = 3
@@ -435,3 +450,53 @@ def test_verify_never_raises_on_broken_stores(tmp_path: Path) -> None:
     report = verify_store(written.master)
     assert any("missing" in p for p in report["problems"])
     assert report["shards"][0]["exists"] is False
+
+
+def _known_view_store(folder: Path, topk: int) -> tuple[Path, list[float], list[float], list[float]]:
+    """400 rows, 10 classes, 3 views; every row's logits are ``a`` on one class and 0 elsewhere, so view v puts
+    ``p[v]`` on that class and its entropy is known. The class is the label where view v is right: view 0 on the
+    rows with ``i % 5 != 0`` (80 % of the 300 rows with labels), view 1 on even rows (2/3), view 2 nowhere."""
+    n, c, p = 400, 10, [0.9, 0.55, 0.7]
+    i = np.arange(n)
+    splits = (i % 4).astype(np.uint8)  # code 1 = unlabeled: label -1
+    labels = np.where(splits == 1, -1, (i * 7) % c).astype(np.int64)
+    right = [i % 5 != 0, i % 2 == 0, np.zeros(n, bool)]
+    logits = np.zeros((n, 3, c), np.float32)
+    for v in range(3):
+        target = np.where(right[v], labels, labels + 1) % c  # unlabeled rows: any class
+        logits[i, v, target] = np.log(9 * p[v] / (1 - p[v]))  # softmax: p[v] on target, (1 - p[v]) / 9 elsewhere
+    meta = make_meta(c, topk=topk, views=3, view_policy={"views": 3, "seed": 0, "rebuild": "test"})
+    write_store(folder / "targets.h5", meta, i * 3 + 1, labels, splits, logits[:, 0], 2, 64, logits[:, 1:])
+    entropy = [float(-q * np.log(q) - (1 - q) * np.log((1 - q) / (c - 1))) for q in p]
+    return folder / "targets.h5", [0.8, 2 / 3, 0.0], entropy, p
+
+
+@pytest.mark.parametrize("topk", [0, 4], ids=["dense", "top-4"])
+def test_verify_reports_accuracy_entropy_and_ece_per_view(tmp_path: Path, topk: int) -> None:
+    """Per view: the teacher's accuracy on the rows with labels (labeled, val, test; not the unlabeled rows) and
+    its mean entropy; ECE of view 0 (one confidence, 0.9, at 80 % accuracy: 0.1). Top-k keeps the exact figures
+    here (the classes outside the top 4 hold equal logits, as the reader assumes). Read in blocks of 7 rows."""
+    master, accuracy, entropy, p = _known_view_store(tmp_path, topk)
+    report = verify_store(master, block_rows=7)
+    assert report["problems"] == []
+    assert [v["view"] for v in report["views"]] == [0, 1, 2]
+    assert [v["labeled_rows"] for v in report["views"]] == [300] * 3
+    assert [v["teacher_accuracy"] for v in report["views"]] == pytest.approx(accuracy, abs=1e-12)
+    assert [v["mean_entropy"] for v in report["views"]] == pytest.approx(entropy, rel=1e-5)
+    assert (report["teacher_accuracy"], report["mean_entropy"]) == (accuracy[0], report["views"][0]["mean_entropy"])
+    assert report["ece"] == pytest.approx(abs(accuracy[0] - p[0]), rel=1e-5)
+
+
+def test_inspect_prints_the_teacher_on_each_view(tmp_path: Path) -> None:
+    from conftest import cli
+
+    master, accuracy, entropy, _ = _known_view_store(tmp_path, 0)
+    out = cli("inspect", master).stdout
+    cells = [[c.strip() for c in line.split("│")[1:-1]] for line in out.splitlines() if "│" in line]
+    lines = {row[0]: " ".join(row) for row in cells if row and row[0][:1].isdigit() and "%" in row[1]}
+    for view, (acc, ent) in enumerate(zip(accuracy, entropy)):
+        assert f"{100 * acc:.2f}% on 300 rows" in lines[str(view)] and f"{ent:.4f} nats" in lines[str(view)], out
+    mean_entropy = (entropy[1] + entropy[2]) / 2
+    assert "33.33% (0.00%-66.67%)" in lines["1..2"] and f"{mean_entropy:.4f} nats" in lines["1..2"], out
+    report = json.loads(cli("inspect", master, "--json").stdout)
+    assert [v["teacher_accuracy"] for v in report["views"]] == pytest.approx(accuracy)

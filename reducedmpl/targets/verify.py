@@ -8,7 +8,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .meta import MASTER_NAME, REGENERATE, SPLIT_NAMES, as_str
+from .meta import MASTER_NAME, REGENERATE, SPLIT_NAMES, VIEW_PREFIX, StoreMeta, as_str
 from .reader import TargetStore, dense_log_probs, topk_log_probs
 from .writer import read_shard_attrs
 
@@ -32,7 +32,9 @@ def _ece(confidence: np.ndarray, correct: np.ndarray, bins: int = 15) -> float:
 def verify_store(path: str | os.PathLike[str], block_rows: int = 65536) -> dict[str, Any]:
     """Check a store and summarise it for ``inspect``; never raises for a broken store.
 
-    Statistics (accuracy, entropy, ECE over 15 bins) use the teacher's raw logits at T=1.
+    Statistics (accuracy, entropy, ECE over 15 bins) use the teacher's raw logits at T=1, on view 0 (the clean
+    input); ``views`` gives the accuracy and mean entropy of every stored view. Accuracy counts the rows with a
+    label (labeled, val and test).
     """
     path = Path(path)
     if path.is_dir():
@@ -40,7 +42,7 @@ def verify_store(path: str | os.PathLike[str], block_rows: int = 65536) -> dict[
     report: dict[str, Any] = {"path": str(path), "problems": [], "master_complete": None, "shards": [],
                               "rows": None, "rows_per_split": {}, "nonfinite_values": None,
                               "teacher_accuracy": None, "labeled_rows": 0, "mean_entropy": None,
-                              "ece": None, "provenance": {}}
+                              "ece": None, "views": [], "provenance": {}}
     problems: list[str] = report["problems"]
     if not path.exists():
         problems.append(f"{path} does not exist")
@@ -82,47 +84,67 @@ def verify_store(path: str | os.PathLike[str], block_rows: int = 65536) -> dict[
     return report
 
 
+SCAN_BLOCK_BYTES = 64 * 2**20  # bytes of targets (every view) read at once by the scan
+
+
+def label_statistics(logp: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Sums over a block of rows for one view: ``correct`` (argmax == label) and ``labeled`` over the rows with a
+    label (``labels >= 0``), ``entropy`` (nats, summed over every row) and ``rows``. ``logp``: (n, C) log-probs."""
+    has = labels >= 0
+    return {"correct": int((logp.argmax(axis=1)[has] == labels[has]).sum()), "labeled": int(has.sum()),
+            "entropy": float(-(np.exp(logp) * logp).sum()), "rows": int(len(logp))}
+
+
+def view_log_probs(meta: StoreMeta, table: dict[str, np.ndarray], view: int) -> np.ndarray:
+    """(n, C) log-probs at T=1 of ``view`` (0: the clean input) from a block of the store's tables. For a top-k
+    store the remainder mass is spread evenly over the other classes (an upper bound of the true entropy)."""
+    def field(name: str) -> np.ndarray:
+        return table[name] if view == 0 else table[VIEW_PREFIX + name][:, view - 1]
+
+    if meta.topk:
+        return topk_log_probs(field("topk_logits"), field("topk_index"), field("logsumexp"), meta.num_classes, 1.0)
+    return dense_log_probs(field("logits"), 1.0)
+
+
 def _scan_store(store: TargetStore, report: dict[str, Any], block_rows: int) -> None:
-    """Fill row counts and teacher statistics by streaming the table in contiguous blocks."""
+    """Fill row counts and teacher statistics, per view too, by streaming the table in contiguous blocks."""
     meta = store.meta
     report["rows"] = store.num_rows
     report["rows_per_split"] = {name: int((store.splits == code).sum()) for code, name in enumerate(SPLIT_NAMES)}
-    nonfinite = bad_rows = correct = labeled = 0
-    entropy_sum, conf_all, correct_all = 0.0, [], []
+    fields = store._fields + store._view_fields
+    block_rows = max(1, min(block_rows, SCAN_BLOCK_BYTES // max(1, store._row_bytes(fields))))
+    unlabeled = SPLIT_NAMES.index("unlabeled")
+    sums = [dict.fromkeys(("correct", "labeled", "entropy", "rows"), 0) for _ in range(store.views)]
+    nonfinite = bad_rows = 0
+    conf_all, correct_all = [], []
     for start in range(0, store.num_rows, block_rows):
         stop = min(start + block_rows, store.num_rows)
-        block = np.array([start]), np.array([stop])
-        table = {name: store._read_blocks(name, *block) for name in store._fields}
+        table = {name: store._read_blocks(name, np.array([start]), np.array([stop])) for name in fields}
         finite = np.ones(stop - start, dtype=bool)
-        for arr in [*table.values(), *(store._read_blocks(name, *block) for name in store._view_fields)]:
+        for arr in table.values():
             if arr.dtype.kind == "f":
                 ok = np.isfinite(arr).reshape(stop - start, -1)
                 nonfinite += int((~ok).sum())
                 finite &= ok.all(axis=1)
         bad_rows += int((~finite).sum())
-        if meta.topk:
-            logp = topk_log_probs(table["topk_logits"][finite], table["topk_index"][finite],
-                                   table["logsumexp"][finite], meta.num_classes, 1.0)
-        else:
-            logp = dense_log_probs(table["logits"][finite], 1.0)
-        probs = np.exp(logp)
-        entropy_sum += float(-(probs * logp).sum())
-        pred = logp.argmax(axis=1)
-        labels = store.labels[start:stop][finite]
-        has = labels >= 0
-        hit = pred[has] == labels[has]
-        correct += int(hit.sum())
-        labeled += int(has.sum())
-        conf_all.append(probs.max(axis=1)[has])
-        correct_all.append(hit)
+        table = {name: arr[finite] for name, arr in table.items()}
+        labels = np.where(store.splits[start:stop] == unlabeled, -1, store.labels[start:stop])[finite]
+        for view in range(store.views):
+            logp = view_log_probs(meta, table, view)
+            for key, value in label_statistics(logp, labels).items():
+                sums[view][key] += value
+            if view == 0:
+                has = labels >= 0
+                conf_all.append(np.exp(logp.max(axis=1))[has])
+                correct_all.append(logp.argmax(axis=1)[has] == labels[has])
     report["nonfinite_values"] = nonfinite
     if nonfinite:
         report["problems"].append(f"{store.path}: {nonfinite} NaN/Inf values in {bad_rows} rows; {REGENERATE}")
-    good = store.num_rows - bad_rows
-    report["mean_entropy"] = entropy_sum / good if good else None
-    report["labeled_rows"] = labeled
-    if labeled:
-        report["teacher_accuracy"] = correct / labeled
+    report["views"] = [{"view": v, "teacher_accuracy": s["correct"] / s["labeled"] if s["labeled"] else None,
+                        "labeled_rows": s["labeled"], "mean_entropy": s["entropy"] / s["rows"] if s["rows"] else None}
+                       for v, s in enumerate(sums)]
+    report.update({k: report["views"][0][k] for k in ("teacher_accuracy", "labeled_rows", "mean_entropy")})
+    if report["labeled_rows"]:
         report["ece"] = _ece(np.concatenate(conf_all), np.concatenate(correct_all).astype(np.float64))
 
 
