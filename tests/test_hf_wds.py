@@ -81,6 +81,25 @@ def test_hf_save_to_disk_named_columns_and_splits(tmp_path):
                                      hf_test_split="train"))
 
 
+def test_hf_integer_and_string_label_columns(tmp_path):
+    from datasets import Dataset, Features, Image as ImageFeature, Value
+
+    images = [{"bytes": encoded(x), "path": None} for x in pixels(6)[0]]
+    names = ["dog", "cat", "eel", "cat", "dog", "dog"]
+    ds = Dataset.from_dict({"img": images, "name": names, "k": [3, 0, 1, 0, 3, 3]},
+                           features=Features({"img": ImageFeature(), "name": Value("string"), "k": Value("int64")}))
+    ds.save_to_disk(str(tmp_path / "d"))
+    spec = f"hf:{tmp_path / 'd'}"
+    by_name = load_source(spec, DataConfig(source=spec, label_column="name"))
+    assert by_name.class_names == ["cat", "dog", "eel"] and by_name.labels.tolist() == [1, 0, 2, 0, 1, 1]
+    by_index = load_source(spec, DataConfig(source=spec, label_column="k"))
+    assert by_index.class_names == ["0", "1", "2", "3"] and by_index.labels.tolist() == [3, 0, 1, 0, 3, 3]
+    with pytest.raises(DataError, match="no ClassLabel column for the labels .*set data.label_column"):
+        load_source(spec)
+    with pytest.raises(DataError, match="column 'name' of .* is .*not an Image feature"):
+        load_source(spec, DataConfig(source=spec, image_column="name", label_column="k"))
+
+
 def test_hf_fingerprint_changes_with_the_data(tmp_path):
     root = write_hf_parquet(tmp_path / "pq")
     src = load_source(f"hf:{root}")
@@ -205,10 +224,16 @@ def three_stages(spec: str, out: Path, *extra: str) -> Path:
     return out
 
 
-def test_three_stages_on_an_hf_parquet_folder(parquet, tmp_path):
-    out = three_stages(f"hf:{parquet}", tmp_path, "--set", "data.use_official_test=true")
+def test_three_stages_on_an_hf_parquet_folder(tmp_path):
+    from reducedmpl.inspect import inspect_store
+
+    root = write_hf_parquet(tmp_path / "pq", extra_image=True)  # two Image columns: data.image_column names one
+    out = three_stages(f"hf:{root}", tmp_path, "--set", "data.use_official_test=true",
+                       "--set", "data.image_column=image")
     art = torch.load(out / "t" / "teacher.pt", weights_only=True)
-    assert art["class_names"] == [f"class{c}" for c in range(CLASSES)]
+    assert art["class_names"] == [f"class{c}" for c in range(CLASSES)] and art["data"]["image_column"] == "image"
+    report = inspect_store(out / "targets.h5")  # lists the data with the settings the store records
+    assert report["data_checked"] and not report["problems"]
 
 
 def test_three_stages_on_wds_shards_and_a_changed_shard_is_refused(shards, tmp_path):

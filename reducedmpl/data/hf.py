@@ -166,7 +166,7 @@ def _labels(spec: str, parts: dict[str, Any], column: str) -> tuple[dict[str, np
     """Labels per split as int64 and the class names: a ClassLabel's names, the sorted strings of a string
     column, or 0..max of an integer column."""
     feature = next(iter(parts.values())).features[column]
-    raw = {name: ds.data.column(column).to_numpy(zero_copy_only=False) for name, ds in parts.items()}
+    raw = {name: np.asarray(ds.with_format("numpy")[column]) for name, ds in parts.items()}  # an indices map too
     if type(feature).__name__ == "ClassLabel":
         return {k: v.astype(np.int64) for k, v in raw.items()}, [str(n) for n in feature.names]
     dtype = str(getattr(feature, "dtype", feature))
