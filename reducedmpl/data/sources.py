@@ -105,9 +105,9 @@ def spec_problem(spec: str) -> str | None:
     except DataError:
         return None
     argument = KINDS[kind].argument
-    path = os.path.abspath(os.path.expanduser(arg)) if argument != "none" else ""
-    if argument in ("dir", "file") and not os.path.exists(path):
-        return f"{path} does not exist"
+    if argument in ("dir", "file"):
+        path = os.path.abspath(os.path.expanduser(arg))
+        return None if os.path.exists(path) else f"{path} does not exist"
     if argument == "name":
         local = local_hf_path(arg)
         return f"{local} does not exist" if local is not None and not os.path.exists(local) else None
