@@ -495,7 +495,7 @@ def tl_wds_missing_cls(tmp: Path, fx: Fx) -> Case:
                 bad)
 
 
-def tl_wds_undecodable_image(tmp: Path, fx: Fx) -> Case:
+def tl_wds_undecodable_image(tmp: Path, fx: Fx, *extra: str) -> Case:
     import tarfile
 
     pytest.importorskip("webdataset")
@@ -507,8 +507,13 @@ def tl_wds_undecodable_image(tmp: Path, fx: Fx) -> Case:
             tar.addfile(info, io.BytesIO(data))
     out, bad = tl_out(tmp)
     return Case(["train-large", "--data", wds_spec(root, 1), *HF_FAST, "--set", "data.val_size=0",
-                 "--set", "data.test_size=0", "--out", out],
+                 "--set", "data.test_size=0", *extra, "--out", out],
                 ("cannot decode the image of sample 'broken'", "replace the sample's image"), bad)
+
+
+def tl_wds_undecodable_image_in_a_worker(tmp: Path, fx: Fx) -> Case:
+    """The same, decoded in a DataLoader worker process: the error crosses back as the same one line."""
+    return tl_wds_undecodable_image(tmp, fx, "--set", "data.num_workers=1")
 
 
 def tl_wds_pattern_matches_nothing(tmp: Path, fx: Fx) -> Case:
@@ -994,7 +999,8 @@ BUILDERS: list[Callable[[Path, Fx], Case]] = [
     tl_yaml_python_object, tl_yaml_python_name, tl_set_python_tag, tl_malformed_set,
     tl_yaml_alias_bomb, tl_set_alias_bomb, tl_folder_symlink_loop, tl_folder_duplicate_file, tl_folder_empty_image,
     tl_model_too_small_input, tl_hf_missing_column, tl_hf_label_outside_classes, tl_hf_undecodable_image,
-    tl_wds_missing_cls, tl_wds_undecodable_image, tl_wds_pattern_matches_nothing,
+    tl_wds_missing_cls, tl_wds_undecodable_image, tl_wds_undecodable_image_in_a_worker,
+    tl_wds_pattern_matches_nothing,
     pc_topk_too_large, pc_negative_topk, pc_teacher_truncated, pc_teacher_other_arch, pc_checkpoint_other_arch,
     pc_teacher_hostile, pc_checkpoint_hostile, pc_class_count, pc_out_holds_other_store, pc_no_teacher,
     pc_second_writer, pc_note_then_error, pc_raw_pickle_teacher,
