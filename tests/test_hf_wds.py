@@ -245,3 +245,39 @@ def test_three_stages_on_wds_shards_and_a_changed_shard_is_refused(shards, tmp_p
             "--device", "cpu", "--out", out / "s2", check=False)
     assert r.exit_code == 2 and "was computed for other data" in r.stderr, r.stderr
     assert not (out / "s2" / "student.pt").exists()
+
+
+@pytest.mark.parametrize("kind", ["hf", "wds"])
+def test_replay_is_the_teachers_own_input_bit_for_bit(kind, parquet, shards, tmp_path, monkeypatch):
+    """distill replays each stored view as the very tensor the teacher ran on in precompute, decoded again from the
+    row's own bytes."""
+    from reducedmpl.config import stage_config
+    from reducedmpl.data import views as views_mod
+    from reducedmpl.data.setup import setup_data
+    from reducedmpl.stages.distill import Distiller, open_store, resolve_data
+
+    spec = f"hf:{parquet}" if kind == "hf" else wds_spec(shards)
+    cli("train-large", "--data", spec, "--model", "test_resnet", "--epochs", "1", "--batch-size", "16", "--quiet",
+        "--device", "cpu", *STAGE_SETTINGS, "--set", "data.hflip=true", "--out", tmp_path / "t")
+    seen, original = {}, views_mod.ViewMaker.inputs
+
+    def recording(self, ids, views):
+        x = original(self, ids, views)
+        seen.update({(r, v): x[i].clone() for i, (r, v) in enumerate(zip(ids.tolist(), views.tolist()))})
+        return x
+
+    with monkeypatch.context() as m:
+        m.setattr(views_mod.ViewMaker, "inputs", recording)
+        cli("precompute", "--teacher", tmp_path / "t" / "teacher.pt", "--out", tmp_path / "targets.h5", "--views",
+            "3", "--dtype", "float32", "--quiet", "--device", "cpu")
+    cfg = stage_config("distill", flags={"mode": "kd", "steps": 2, "device": "cpu", "unlabeled_batch_size": 16})
+    store = open_store(tmp_path / "targets.h5", 64)
+    d = Distiller(cfg, setup_data(resolve_data(cfg, store)), store, torch.device("cpu"))
+    checked = 0
+    for _ in range(3):
+        x, _, ids = d.unlabeled.next()
+        for i, (r, v) in enumerate(zip(ids.tolist(), d.unlabeled.views(ids).tolist())):
+            if v:
+                assert torch.equal(x[i], seen[(r, v)]), (r, v)
+                checked += 1
+    assert checked >= 8
