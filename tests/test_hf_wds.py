@@ -281,3 +281,39 @@ def test_replay_is_the_teachers_own_input_bit_for_bit(kind, parquet, shards, tmp
                 assert torch.equal(x[i], seen[(r, v)]), (r, v)
                 checked += 1
     assert checked >= 8
+
+
+@pytest.mark.parametrize("fmt", ["USTAR", "GNU", "PAX"])
+def test_tar_members_match_tarfile(fmt, tmp_path, shards):
+    """The header-only listing of a shard finds the regular files tarfile finds, with their data offsets and sizes:
+    long and non-ASCII names, ustar prefixes, GNU long names, pax records, folders and links among them."""
+    import tarfile
+
+    from reducedmpl.data.wds import tar_members
+
+    path = tmp_path / "t.tar"
+    names = ["a.cls", "x" * 95 + ".png", "deep/" * 30 + "s.jpg", "ünï/cödé.webp", "big.bin"]
+    with tarfile.open(path, "w", format=getattr(tarfile, f"{fmt}_FORMAT")) as tar:
+        for i, name in enumerate(names):
+            data = bytes([i]) * (1 + 700 * i) if name != "big.bin" else bytes(70_000)
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+            folder = tarfile.TarInfo(f"dir{i}")
+            folder.type = tarfile.DIRTYPE
+            tar.addfile(folder)
+        link = tarfile.TarInfo("link.png")
+        link.type, link.linkname = tarfile.SYMTYPE, names[1]
+        tar.addfile(link)
+    for archive in (path, shards / "shard-000000.tar"):
+        with tarfile.open(archive) as tar:
+            expected = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+        with open(archive, "rb") as f:
+            assert [tuple(m) for m in tar_members(f, str(archive))] == expected
+    assert [e[0] for e in expected][:1] == ["sample00000.cls"] and len(expected) == 40
+    with pytest.raises(DataError, match="is not a tar file .no valid tar header at byte 0"):
+        with open(tmp_path / "x.tar", "wb+") as f:
+            f.write(b"no tar header here" * 64)
+            f.flush()
+            f.seek(0)
+            list(tar_members(f, "x.tar"))

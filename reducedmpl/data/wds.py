@@ -15,9 +15,8 @@ from __future__ import annotations
 import glob
 import os
 import struct
-import tarfile
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
 import numpy as np
 
@@ -31,6 +30,7 @@ INSTALL = "install the extra: pip install 'reducedmpl[wds]'"
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 LABEL_FIELD = "cls"
 _GZIP_MAGIC = b"\x1f\x8b"
+_ZERO_BLOCK = bytes(512)
 
 
 def import_webdataset() -> Any:
@@ -94,7 +94,7 @@ def _label(data: bytes, key: str, path: str, label_field: str) -> int:
     return label
 
 
-def _add_sample(out: _Listing, k: int, path: str, key: str, members: dict[str, tarfile.TarInfo],
+def _add_sample(out: _Listing, k: int, path: str, key: str, members: dict[str, Member],
                 label: int | None, image_field: str | None, label_field: str) -> None:
     fields = ", ".join(sorted(members))
     if label is None:
@@ -111,41 +111,111 @@ def _add_sample(out: _Listing, k: int, path: str, key: str, members: dict[str, t
         raise DataError(f"sample key {key!r} is {place}", "give every sample a unique key (its __key__)")
     out.where[key] = path
     out.shards.append(k)
-    out.offsets.append(image.offset_data)
+    out.offsets.append(image.offset)
     out.sizes.append(image.size)
     out.keys.append(key)
     out.labels.append(label)
+
+
+class Member(NamedTuple):
+    """A regular file in a tar shard: its name, where its data starts, and its size in bytes."""
+
+    name: str
+    offset: int
+    size: int
+
+
+def _number(field: bytes) -> int:
+    """A tar header number: octal digits, or GNU's base-256 (high bit of the first byte set)."""
+    if field[0] & 0x80:
+        return int.from_bytes(field[1:], "big")
+    return int(field.replace(b"\0", b" ").strip() or b"0", 8)
+
+
+def _checked_size(header: bytes, path: str, pos: int) -> int:
+    """The size of the member whose 512-byte header is ``header``, once the header passes its checksum."""
+    try:
+        if _number(header[148:156]) == sum(header[:148]) + 256 + sum(header[156:]):
+            return _number(header[124:136])
+    except ValueError:  # not octal digits
+        pass
+    raise DataError(f"shard {path} is not a tar file (no valid tar header at byte {pos})",
+                    "write the shard again, as a plain tar (e.g. with webdataset.TarWriter)")
+
+
+def _pax(data: bytes) -> dict[bytes, bytes]:
+    """The records of a pax extended header (``"LEN KEY=VALUE\n"``...)."""
+    out, pos = {}, 0
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        end = pos + int(data[pos:space])
+        key, _, value = data[space + 1:end - 1].partition(b"=")
+        out[key], pos = value, end
+    return out
+
+
+def tar_members(f: Any, path: str) -> Iterator[Member]:
+    """The regular files of the plain tar ``f``, in order, from their headers alone (each header is read, every
+    file's data skipped): ustar names with their prefix, pax ``path``/``size`` records and GNU long names, as
+    :mod:`tarfile` reads them. A header that fails its checksum, or data past the end of the file, is a DataError."""
+    end = os.fstat(f.fileno()).st_size
+    pos, name, size = 0, None, None  # name, size: set by a pax or GNU header for the member that follows
+    while True:
+        f.seek(pos)
+        header = f.read(512)
+        if len(header) < 512 or header == _ZERO_BLOCK:
+            if 0 < len(header) < 512 or (pos == 0 and not header):
+                raise DataError(f"shard {path} is truncated or empty (at byte {pos})", "write the shard again")
+            return
+        kind, length, data = header[156:157], _checked_size(header, path, pos), pos + 512
+        if data + length > end:
+            raise DataError(f"shard {path} is truncated (a member at byte {pos} ends past its end)",
+                            "write the shard again")
+        pos = data + (length + 511) // 512 * 512
+        if kind in (b"x", b"L"):
+            content = f.read(length)
+            if kind == b"L":
+                name = content.rstrip(b"\0").decode("utf-8", "surrogateescape")
+            else:
+                records = _pax(content)
+                name = records[b"path"].decode("utf-8", "surrogateescape") if b"path" in records else name
+                size = int(records[b"size"]) if b"size" in records else size
+            continue
+        if kind in (b"0", b"\0", b"7"):
+            if name is None:
+                name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                prefix = header[345:500].split(b"\0", 1)[0]
+                if prefix:
+                    name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+            if not (kind == b"\0" and name.endswith("/")):  # an old-style directory
+                yield Member(name, data, length if size is None else size)
+        elif kind == b"S":
+            raise DataError(f"shard {path} holds a sparse file", "write the shard again without sparse files")
+        name, size = None, None
 
 
 def _list_shard(out: _Listing, k: int, path: str, image_field: str | None, label_field: str) -> None:
     """Add the samples of shard ``path`` (number ``k``) to ``out``, reading only member headers and labels."""
     from webdataset.tariterators import base_plus_ext
 
-    size = os.path.getsize(path)
+    key, members, label = None, {}, None
     with open(path, "rb") as f:
         if f.read(2) == _GZIP_MAGIC:
             raise DataError(f"shard {path} is compressed", "rows are read by their offset in the shard: "
                             "decompress it (gunzip) into a plain .tar")
-    key, members, label = None, {}, None
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for m in tar:
-                base, ext = base_plus_ext(m.name) if m.isfile() else (None, None)
-                if base is None or os.path.basename(base).startswith(("__", ".")):
-                    continue
-                if m.offset_data + m.size > size:
-                    raise DataError(f"shard {path} is truncated (member {m.name} ends past its end)",
-                                    "write the shard again")
-                if base != key:
-                    if key is not None:
-                        _add_sample(out, k, path, key, members, label, image_field, label_field)
-                    key, members, label = base, {}, None
-                ext = ext.lower()
-                members[ext] = m
-                if ext == label_field:
-                    label = _label(tar.extractfile(m).read(), base, path, label_field)
-    except tarfile.TarError as exc:
-        raise DataError(f"cannot read shard {path} as a tar file ({exc})", "write the shard again") from None
+        for m in tar_members(f, path):
+            base, ext = base_plus_ext(m.name)
+            if base is None or os.path.basename(base).startswith(("__", ".")):
+                continue
+            if base != key:
+                if key is not None:
+                    _add_sample(out, k, path, key, members, label, image_field, label_field)
+                key, members, label = base, {}, None
+            ext = ext.lower()
+            members[ext] = m
+            if ext == label_field:
+                f.seek(m.offset)
+                label = _label(f.read(m.size), base, path, label_field)
     if key is not None:
         _add_sample(out, k, path, key, members, label, image_field, label_field)
 
