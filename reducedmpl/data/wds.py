@@ -71,6 +71,14 @@ def pattern_problem(pattern: str) -> str | None:
     return None
 
 
+class Member(NamedTuple):
+    """A regular file in a tar shard: its name, where its data starts, and its size in bytes."""
+
+    name: str
+    offset: int
+    size: int
+
+
 @dataclass
 class _Listing:
     """What the listing of the shards found, one entry per sample."""
@@ -117,14 +125,6 @@ def _add_sample(out: _Listing, k: int, path: str, key: str, members: dict[str, M
     out.labels.append(label)
 
 
-class Member(NamedTuple):
-    """A regular file in a tar shard: its name, where its data starts, and its size in bytes."""
-
-    name: str
-    offset: int
-    size: int
-
-
 def _number(field: bytes) -> int:
     """A tar header number: octal digits, or GNU's base-256 (high bit of the first byte set)."""
     if field[0] & 0x80:
@@ -143,15 +143,20 @@ def _checked_size(header: bytes, path: str, pos: int) -> int:
                     "write the shard again, as a plain tar (e.g. with webdataset.TarWriter)")
 
 
-def _pax(data: bytes) -> dict[bytes, bytes]:
-    """The records of a pax extended header (``"LEN KEY=VALUE\n"``...)."""
-    out, pos = {}, 0
-    while pos < len(data):
-        space = data.index(b" ", pos)
-        end = pos + int(data[pos:space])
-        key, _, value = data[space + 1:end - 1].partition(b"=")
-        out[key], pos = value, end
-    return out
+def _pax(data: bytes, path: str) -> tuple[str | None, int | None]:
+    """The ``path`` and ``size`` records of a pax extended header (``"LEN KEY=VALUE\n"``...), when there."""
+    records, pos = {}, 0
+    try:
+        while pos < len(data) and data[pos:pos + 1] != b"\0":
+            space = data.index(b" ", pos)
+            end = pos + int(data[pos:space])
+            key, _, value = data[space + 1:end - 1].partition(b"=")
+            records[key], pos = value, end
+        size = int(records[b"size"]) if b"size" in records else None
+    except ValueError:
+        raise DataError(f"shard {path} holds a malformed pax header", "write the shard again") from None
+    name = records[b"path"].decode("utf-8", "surrogateescape") if b"path" in records else None
+    return name, size
 
 
 def tar_members(f: Any, path: str) -> Iterator[Member]:
@@ -168,27 +173,29 @@ def tar_members(f: Any, path: str) -> Iterator[Member]:
                 raise DataError(f"shard {path} is truncated or empty (at byte {pos})", "write the shard again")
             return
         kind, length, data = header[156:157], _checked_size(header, path, pos), pos + 512
+        regular = kind in (b"0", b"\0", b"7")
+        if regular and size is not None:
+            length = size  # a pax size record (a file of 8 GiB or more) overrides the header's
         if data + length > end:
             raise DataError(f"shard {path} is truncated (a member at byte {pos} ends past its end)",
                             "write the shard again")
         pos = data + (length + 511) // 512 * 512
-        if kind in (b"x", b"L"):
+        if kind in (b"x", b"L", b"K"):  # the next member's pax records, GNU long name, GNU long link name
             content = f.read(length)
             if kind == b"L":
                 name = content.rstrip(b"\0").decode("utf-8", "surrogateescape")
-            else:
-                records = _pax(content)
-                name = records[b"path"].decode("utf-8", "surrogateescape") if b"path" in records else name
-                size = int(records[b"size"]) if b"size" in records else size
+            elif kind == b"x":
+                pax_name, pax_size = _pax(content, path)
+                name, size = pax_name or name, size if pax_size is None else pax_size
             continue
-        if kind in (b"0", b"\0", b"7"):
+        if regular:
             if name is None:
                 name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
                 prefix = header[345:500].split(b"\0", 1)[0]
                 if prefix:
                     name = prefix.decode("utf-8", "surrogateescape") + "/" + name
             if not (kind == b"\0" and name.endswith("/")):  # an old-style directory
-                yield Member(name, data, length if size is None else size)
+                yield Member(name, data, length)
         elif kind == b"S":
             raise DataError(f"shard {path} holds a sparse file", "write the shard again without sparse files")
         name, size = None, None
