@@ -483,7 +483,8 @@ def tl_hf_undecodable_image(tmp: Path, fx: Fx) -> Case:
     # no val/test split and one batch of all 60 rows: the broken row is decoded in the first training batch
     return Case(["train-large", "--data", f"hf:{root}", *HF_FAST, "--set", "data.val_size=0",
                  "--set", "data.test_size=0", "--out", out],
-                ("cannot decode the image of row 7 (train row 7)", "fix or drop that row"), bad)
+                ("cannot decode the image of row 7 (train row 7)", "cannot identify image file its bytes",
+                 "fix or drop that row"), bad)
 
 
 def tl_wds_missing_cls(tmp: Path, fx: Fx) -> Case:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -161,7 +162,8 @@ def decode_image(data: bytes, what: str, fix: str) -> Any:
         im.load()  # decodes: a broken image fails here, inside the try
         return im
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        raise DataError(f"cannot decode the image of {what}: {type(exc).__name__}: {exc}", fix) from None
+        reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "its bytes", str(exc))
+        raise DataError(f"cannot decode the image of {what}: {type(exc).__name__}: {reason}", fix) from None
 
 
 def finish(source: Source) -> Source:
