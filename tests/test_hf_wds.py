@@ -234,6 +234,10 @@ def test_three_stages_on_an_hf_parquet_folder(tmp_path):
     assert art["class_names"] == [f"class{c}" for c in range(CLASSES)] and art["data"]["image_column"] == "image"
     report = inspect_store(out / "targets.h5")  # lists the data with the settings the store records
     assert report["data_checked"] and not report["problems"]
+    write_hf_parquet(root, extra_image=True, images=[encoded(x, "JPEG") for x in pixels(60)[0]])  # rewritten
+    r = cli("distill", "--targets", out / "targets.h5", "--student", "test_resnet", "--steps", "1", "--quiet",
+            "--device", "cpu", "--out", out / "s2", check=False)
+    assert r.exit_code == 2 and "was computed for other data" in r.stderr, r.stderr
 
 
 def test_three_stages_on_wds_shards_and_a_changed_shard_is_refused(shards, tmp_path):
