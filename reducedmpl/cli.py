@@ -54,7 +54,8 @@ OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output fold
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace a run already in --out.")]
 DataOpt = Annotated[Optional[str], typer.Option(
-    "--data", help="Data source: digits, mnist:DIR, cifar10:DIR, cifar100:DIR, folder:DIR, npz:FILE.")]
+    "--data", help="Data source: digits, mnist:DIR, cifar10:DIR, cifar100:DIR, folder:DIR, npz:FILE, "
+                   "hf:NAME_OR_DIR, wds:PATTERN.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed of the run.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]

@@ -46,7 +46,12 @@ class DataConfig:
     crop_padding: int = 2  # random-crop augmentation padding, in pixels at input_size (0 disables)
     hflip: bool = False
     randaugment: str | None = None  # e.g. "rand-m9-n2" (magnitude 9, 2 ops)
-    num_workers: int = 0  # DataLoader workers for image folders
+    num_workers: int = 0  # DataLoader workers for image folders (and hf: / wds: sources)
+    image_column: str | None = None  # hf: the image column (default: the one Image feature); wds: the image field
+    label_column: str | None = None  # hf: the label column (default: the one ClassLabel); wds: the label field
+    hf_config: str | None = None  # hf: the dataset's configuration (subset) name
+    hf_splits: list[str] | None = None  # hf: the dataset's splits read, in order (default: all of them)
+    hf_test_split: str | None = None  # hf: which of them is the official test split (default: test, else validation)
 
     def validate(self) -> None:
         _check(self.val_size >= 0, "data.val_size must be >= 0")
@@ -61,6 +66,21 @@ class DataConfig:
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
         if self.randaugment is not None:
             parse_randaugment(self.randaugment)
+        self._validate_source_settings()
+
+    def _validate_source_settings(self) -> None:
+        kind = self.source.partition(":")[0].strip().lower() if isinstance(self.source, str) else ""
+        for name in ("image_column", "label_column", "hf_config", "hf_test_split"):
+            value = getattr(self, name)
+            _check(value is None or value.strip() != "", f"data.{name} must not be empty")
+            _check(value is None or kind in (("hf", "wds") if name.endswith("column") else ("hf",)),
+                   f"data.{name} applies to {'hf: and wds:' if name.endswith('column') else 'hf:'} sources, "
+                   f"not to {kind or 'this'}:")
+        if self.hf_splits is not None:
+            _check(kind == "hf", f"data.hf_splits applies to hf: sources, not to {kind or 'this'}:")
+            _check(len(self.hf_splits) > 0 and all(s.strip() for s in self.hf_splits),
+                   "data.hf_splits must name at least one split")
+            _check(len(set(self.hf_splits)) == len(self.hf_splits), "data.hf_splits names a split twice")
 
 
 @dataclass

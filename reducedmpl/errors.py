@@ -15,6 +15,10 @@ class UserError(Exception):
     same_on_every_rank = False  # under torchrun: every rank meets it alike, so only rank 0 prints it
 
     def __init__(self, problem: str, fix: str | None = None):
+        if fix is None and problem.startswith("Caught ") and "\nOriginal Traceback" in problem:
+            # raised in a DataLoader worker: torch rebuilds the error from the worker's traceback text, whose last
+            # line is "module.ErrorType: <our one-line message>"; keep that message alone
+            problem = problem.rstrip().splitlines()[-1].partition(": ")[2] or problem
         message = problem if fix is None else f"{problem} — {fix}"
         super().__init__(" ".join(message.split()))  # always one line
 

@@ -115,7 +115,7 @@ def check_inputs(art: dict, rows: int = CHECK_ROWS) -> tuple[torch.Tensor, str]:
     prep = Preprocess.from_dict(art["preprocess"])
     try:
         cfg = from_dict(DataConfig, dict(art["data"]), "data")
-        source = load_source(cfg.source)
+        source = load_source(cfg.source, cfg)
         splits = make_splits(source, cfg)
         split = next(s for s in ("test", "val", "labeled", "unlabeled") if len(splits.indices.get(s, ())))
         indices = splits.indices[split][:rows]

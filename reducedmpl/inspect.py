@@ -85,7 +85,8 @@ def _check_store_classes(path: Path, report: dict[str, Any]) -> None:
     try:
         with TargetStore.open(path, memory_budget_bytes=0) as store:
             names = list(store.meta.class_names)
-        source = load_source(str(spec))
+            recorded = store.meta.config.get("data") if isinstance(store.meta.config, dict) else None
+        source = load_source(str(spec), _data_settings(recorded, str(spec)))
     except UserError:
         report["data_checked"] = False  # the data is not here: its class names cannot be compared
         return
@@ -93,6 +94,15 @@ def _check_store_classes(path: Path, report: dict[str, Any]) -> None:
     problem = class_names_problem(names, source.class_names, f"the store (data {spec})")
     if problem:
         report["problems"].append(problem)
+
+
+def _data_settings(recorded: Any, spec: str) -> Any:
+    """The data settings a store records (an ``hf:`` source's columns and splits), when they are for ``spec``."""
+    from .config import DataConfig, from_dict
+
+    if not isinstance(recorded, dict) or recorded.get("source") != spec:
+        return None
+    return from_dict(DataConfig, recorded, "data")
 
 
 # ---------------------------------------------------------------------------------------------- artifacts

@@ -307,10 +307,12 @@ def preflight(stages: list[Stage]) -> None:
 
 
 def _check_source(spec: str, where: str) -> None:
-    kind, _, arg = spec.partition(":")
-    path = Path(arg.strip()).expanduser()
-    if arg.strip() and not path.exists():
-        raise DataError(f"{where} {spec!r}: {path} does not exist",
+    from .data.sources import spec_problem
+
+    problem = spec_problem(spec)
+    if problem:
+        kind = spec.partition(":")[0]
+        raise DataError(f"{where} {spec!r}: {problem}",
                         f"point it at your data, e.g. --set data.source={kind}:/path/to/data")
 
 

@@ -21,6 +21,13 @@ import torch
 from typer.testing import CliRunner
 
 torch.set_num_threads(2)
+# hf: sources convert data files into the datasets cache: the tests keep theirs in a folder of their own, and never
+# download anything (set before the datasets library is first imported, which reads them once)
+if "HF_DATASETS_CACHE" not in os.environ:
+    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="reducedmpl-test-hf-cache-")
+    atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], True)
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 MNIST_DIR = REPO.parent / "shared" / "data" / "mnist-t10k"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import gzip
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -27,6 +28,7 @@ import pytest
 import torch
 
 from conftest import REPO, assert_one_line_error, cli
+from hf_wds_data import encoded, pixels, wds_spec, write_hf_parquet, write_wds
 from reducedmpl.errors import UserError
 from reducedmpl.targets import TargetStore
 
@@ -514,6 +516,76 @@ def tl_bad_init(tmp: Path, fx: Fx) -> Case:
                 ("train_large.init must be 'scratch', 'pretrained' or 'checkpoint:PATH'", "fix the value"), bad)
 
 
+# hf: and wds: sources (tiny files written with the datasets and webdataset libraries)
+HF_FAST = [*FAST, "--device", "cpu", "--batch-size", "64", "--set", "data.input_size=16"]
+
+
+def tl_hf_missing_column(tmp: Path, fx: Fx) -> Case:
+    pytest.importorskip("datasets")
+    root = write_hf_parquet(tmp / "pq")
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", f"hf:{root}", *HF_FAST, "--set", "data.label_column=labels", "--out", out],
+                ("has no column 'labels' (columns: image, label, caption)", "set data.label_column"), bad)
+
+
+def tl_hf_label_outside_classes(tmp: Path, fx: Fx) -> Case:
+    pytest.importorskip("datasets")
+    root = write_hf_parquet(tmp / "pq", labels=[c % 3 for c in range(59)] + [-1])  # an unlabeled test row
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", f"hf:{root}", *HF_FAST, "--out", out],
+                ("split 'test'", "has label -1 at row 11, outside the 3 classes", "leave that split out"), bad)
+
+
+def tl_hf_undecodable_image(tmp: Path, fx: Fx) -> Case:
+    pytest.importorskip("datasets")
+    images = [encoded(x) for x in pixels(60)[0]]
+    images[7] = b"\x89PNG not really" * 4
+    root = write_hf_parquet(tmp / "pq", images=images)
+    out, bad = tl_out(tmp)
+    # no val/test split and one batch of all 60 rows: the broken row is decoded in the first training batch
+    return Case(["train-large", "--data", f"hf:{root}", *HF_FAST, "--set", "data.val_size=0",
+                 "--set", "data.test_size=0", "--out", out],
+                ("cannot decode the image of row 7 (train row 7)", "cannot identify image file its bytes",
+                 "fix or drop that row"), bad)
+
+
+def tl_wds_missing_cls(tmp: Path, fx: Fx) -> Case:
+    pytest.importorskip("webdataset")
+    root = write_wds(tmp / "shards", drop_cls="sample00023")
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", wds_spec(root), *HF_FAST, "--out", out],
+                ("sample 'sample00023' in", "shard-000001.tar has no 'cls' field", "write each sample's class index"),
+                bad)
+
+
+def tl_wds_undecodable_image(tmp: Path, fx: Fx, *extra: str) -> Case:
+    import tarfile
+
+    pytest.importorskip("webdataset")
+    root = write_wds(tmp / "shards", shards=1)
+    with tarfile.open(root / "shard-000000.tar", "a") as tar:  # one more sample whose PNG is not one
+        for name, data in (("broken.png", b"not a png" * 9), ("broken.cls", b"1")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", wds_spec(root, 1), *HF_FAST, "--set", "data.val_size=0",
+                 "--set", "data.test_size=0", *extra, "--out", out],
+                ("cannot decode the image of sample 'broken'", "replace the sample's image"), bad)
+
+
+def tl_wds_undecodable_image_in_a_worker(tmp: Path, fx: Fx) -> Case:
+    """The same, decoded in a DataLoader worker process: the error crosses back as the same one line."""
+    return tl_wds_undecodable_image(tmp, fx, "--set", "data.num_workers=1")
+
+
+def tl_wds_pattern_matches_nothing(tmp: Path, fx: Fx) -> Case:
+    pytest.importorskip("webdataset")
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", f"wds:{tmp}/shards-{{000000..000009}}.tar", *HF_FAST, "--out", out],
+                ("shards-{000000..000009}.tar matches no shard file", "check the pattern"), bad)
+
+
 def pc_out(tmp: Path) -> tuple[Path, list[Path]]:
     out = tmp / "pc" / "targets.h5"
     return out, [out]
@@ -815,6 +887,19 @@ def di_views_of_one_size_for_another(tmp: Path, fx: Fx) -> Case:
                 ("views were made with view rebuild scheme 1", "distill.replay_views=false"), [out, *bad])
 
 
+def di_wds_shard_changed(tmp: Path, fx: Fx) -> Case:
+    """Shards rewritten (the same keys and labels, other images) after precompute: distill refuses the store."""
+    pytest.importorskip("webdataset")
+    root = write_wds(tmp / "shards")
+    cli("train-large", "--data", wds_spec(root), *HF_FAST, "--set", "data.labeled_per_class=6", "--out", tmp / "t")
+    master = tmp / "targets.h5"
+    cli("precompute", "--teacher", tmp / "t" / "teacher.pt", "--out", master, "--quiet", "--device", "cpu")
+    write_wds(root, seed=1)
+    out, bad = di_out(tmp)
+    return Case(_distill(master, out, "--student", "test_resnet"),
+                ("was computed for other data", "run `reducedmpl precompute` for this data"), bad, unchanged=[master])
+
+
 # ---------------------------------------------------------------------------------------------- inspect
 def in_missing(tmp: Path, fx: Fx) -> Case:
     return Case(["inspect", tmp / "nothing.pt"], ("does not exist", "pass a targets.h5, teacher.pt or student.pt"))
@@ -1018,6 +1103,12 @@ BUILDERS: list[Callable[[Path, Fx], Case]] = [
     tl_folder_linked_under_two_classes, tl_folder_empty_image,
     tl_model_too_small_input, tl_pretrained_unknown_name, tl_pretrained_unknown_tag, tl_pretrained_not_in_cache,
     tl_pretrained_head_never_trained, tl_bad_init,
+
+
+    tl_yaml_alias_bomb, tl_set_alias_bomb, tl_folder_symlink_loop, tl_folder_duplicate_file, tl_folder_empty_image,
+    tl_model_too_small_input, tl_hf_missing_column, tl_hf_label_outside_classes, tl_hf_undecodable_image,
+    tl_wds_missing_cls, tl_wds_undecodable_image, tl_wds_undecodable_image_in_a_worker,
+    tl_wds_pattern_matches_nothing,
     pc_topk_too_large, pc_negative_topk, pc_teacher_truncated, pc_teacher_other_arch, pc_checkpoint_other_arch,
     pc_teacher_hostile, pc_checkpoint_hostile, pc_class_count, pc_out_holds_other_store, pc_no_teacher,
     pc_second_writer, pc_note_then_error, pc_raw_pickle_teacher,
@@ -1026,6 +1117,9 @@ BUILDERS: list[Callable[[Path, Fx], Case]] = [
     di_unknown_mode, di_resume_nothing, di_resume_hostile, di_class_count, di_class_names_order,
     di_student_too_small_input, di_student_head_without_reset, di_student_input_size_too_small,
     di_student_pretrained_not_in_cache, di_views_of_one_size_for_another,
+
+
+    di_student_too_small_input, di_wds_shard_changed,
     in_missing, in_missing_store, in_not_artifact, in_plain_state_dict, in_truncated, in_hostile,
     ex_targets_store, ex_truncated, ex_unknown_format, ex_hostile, ex_reduced_teacher,
     run_missing_pipeline, run_not_mapping, run_invalid_yaml, run_malformed_set, run_python_object, run_python_name,

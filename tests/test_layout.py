@@ -36,3 +36,38 @@ def test_no_private_name_is_imported_from_another_module() -> None:
                 offenders += [f"{path.relative_to(PACKAGE)}: {a.name}" for a in node.names
                               if a.name.startswith("_") and not a.name.startswith("__")]
     assert not offenders, offenders
+
+
+def _data_imports() -> dict[str, set[str]]:
+    """For each module of reducedmpl/data, the other modules of reducedmpl/data it imports (anywhere in it)."""
+    folder = PACKAGE / "data"
+    names = {p.stem for p in folder.glob("*.py")} - {"__init__"}
+    graph = {}
+    for name in names:
+        deps = set()
+        for node in ast.walk(ast.parse((folder / f"{name}.py").read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = node.module or ""
+                if node.level == 1:
+                    deps.add(module.split(".")[0])
+                    deps |= {a.name for a in node.names} if not module else set()
+                elif module.startswith("reducedmpl.data."):
+                    deps.add(module.split(".")[2])
+        graph[name] = (deps & names) - {name}
+    return graph
+
+
+def test_the_data_sources_import_no_circle() -> None:
+    """Every source format imports only the shared base; the table of sources imports them (not the other way)."""
+    graph = _data_imports()
+    formats = ("mnist", "cifar", "hf", "wds")
+    assert graph["base"] == set()
+    for name in formats:
+        assert graph[name] <= {"base"}, (name, graph[name])
+        assert name in graph["sources"]
+    reach = {name: set(deps) for name, deps in graph.items()}
+    for _ in graph:  # transitive closure
+        for name in reach:
+            reach[name] |= {d for dep in list(reach[name]) for d in reach[dep]}
+    circles = sorted(name for name in reach if name in reach[name])
+    assert set(circles) <= {"loading", "views"}, circles  # loading <-> views: one concern split in two files

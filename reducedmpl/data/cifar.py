@@ -9,7 +9,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..errors import DataError
-from .sources import Source, finish
+from .base import Source, finish
 
 
 # --------------------------------------------------------------------------------------------------

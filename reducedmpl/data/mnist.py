@@ -10,7 +10,7 @@ import zlib
 import numpy as np
 
 from ..errors import DataError
-from .sources import Source, finish
+from .base import Source, finish
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,6 +20,6 @@ class DataSetup:
 def setup_data(cfg: DataConfig) -> DataSetup:
     """Load the source and split it; the preprocessing (input size, normalisation) is measured on the labeled
     training rows, the only ones every stage shares."""
-    source = load_source(cfg.source)
+    source = load_source(cfg.source, cfg)
     splits = make_splits(source, cfg)
     return DataSetup(cfg, source, splits, default_preprocess(source, splits.indices["labeled"], cfg))

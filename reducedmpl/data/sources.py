@@ -1,37 +1,73 @@
 """Image data sources: parse a spec string and load the images and labels it names.
 
-Supported specs (see ``SPEC_FORMS``): ``digits``, ``mnist:DIR``, ``cifar10:DIR``, ``cifar100:DIR``,
-``folder:DIR`` and ``npz:FILE``. Every problem a user can fix (missing or truncated file, unreadable
+Every kind of source is one row of ``KINDS`` (how to write it, what its argument is, its loader); the loaders of
+``mnist:``, ``cifar10:``/``cifar100:``, ``hf:`` and ``wds:`` live in their own modules, which share only
+:mod:`reducedmpl.data.base` with this one. Every problem a user can fix (missing or truncated file, unreadable
 image, empty data set, labels out of range, ...) raises :class:`DataError` naming the path and the fix.
 
-Array-backed sources hold all pixels in memory as ``uint8 (N, H, W, C)``; ``folder`` sources keep only
-the sorted file list and decode an image when :meth:`Source.load_image` is called.
+Array-backed sources hold all pixels in memory as ``uint8 (N, H, W, C)``; ``folder`` sources keep only the sorted
+file list, ``hf`` and ``wds`` sources a reader of encoded rows, and decode an image when it is asked for.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import struct
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from reducedmpl.errors import DataError
+from ..errors import DataError
+from .base import Source, finish, read_pil_image
+from .cifar import load_cifar10, load_cifar100
+from .hf import load_hf, local_hf_path
+from .mnist import load_mnist
+from .wds import load_wds, pattern_problem
 
-SPEC_FORMS = (
-    "digits (scikit-learn's built-in 8x8 digits)",
-    "mnist:DIR (IDX files such as train-images-idx3-ubyte[.gz]; also Fashion-MNIST / KMNIST)",
-    "cifar10:DIR (the cifar-10-batches-py folder or a folder containing it)",
-    "cifar100:DIR (the cifar-100-python folder or a folder containing it)",
-    "folder:DIR (DIR/CLASS/IMAGE files, optionally DIR/train + DIR/val or DIR/test)",
-    "npz:FILE (arrays x (N,H,W[,C]) and y (N,), optional class_names)",
-)
-KINDS = ("digits", "mnist", "cifar10", "cifar100", "folder", "npz")
+if TYPE_CHECKING:
+    from ..config import DataConfig
+
+__all__ = ["KINDS", "SPEC_FORMS", "Source", "finish", "load_source", "read_pil_image", "spec_help",
+           "spec_problem"]
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 
-_DIGEST_TAG = b"reducedmpl-source-digest-v1"
-_DIGEST_CHUNK = 4096  # rows hashed per update for array sources (fixed: part of the digest definition)
+
+@dataclass(frozen=True)
+class SourceKind:
+    """One kind of data source: how to write it, what its argument is, and its loader."""
+
+    form: str  # e.g. "mnist:DIR (...)", for help and error messages
+    argument: str  # "none", "dir", "file", "name" (a folder or a dataset name) or "pattern" (shard files)
+    load: Callable[[str, str, "DataConfig | None"], Source]  # (spec, argument, data settings) -> Source
+
+
+def _plain(loader: Callable[[str, str], Source]) -> Callable[[str, str, Any], Source]:
+    """A loader that takes no data settings, in the table's form."""
+    return lambda spec, arg, options: loader(spec, arg)
+
+
+def _digits_loader(spec: str, arg: str, options: Any) -> Source:
+    return _load_digits(spec)
+
+
+KINDS: dict[str, SourceKind] = {
+    "digits": SourceKind("digits (scikit-learn's built-in 8x8 digits)", "none", _digits_loader),
+    "mnist": SourceKind("mnist:DIR (IDX files such as train-images-idx3-ubyte[.gz]; also Fashion-MNIST / KMNIST)",
+                        "dir", _plain(load_mnist)),
+    "cifar10": SourceKind("cifar10:DIR (the cifar-10-batches-py folder or a folder containing it)", "dir",
+                          _plain(load_cifar10)),
+    "cifar100": SourceKind("cifar100:DIR (the cifar-100-python folder or a folder containing it)", "dir",
+                           _plain(load_cifar100)),
+    "folder": SourceKind("folder:DIR (DIR/CLASS/IMAGE files, optionally DIR/train + DIR/val or DIR/test)", "dir",
+                         lambda spec, arg, options: _load_folder(spec, arg)),
+    "npz": SourceKind("npz:FILE (arrays x (N,H,W[,C]) and y (N,), optional class_names)", "file",
+                      lambda spec, arg, options: _load_npz(spec, arg)),
+    "hf": SourceKind("hf:NAME_OR_DIR (a Hugging Face dataset: a folder of parquet or arrow files, a save_to_disk "
+                     "folder, or a hub dataset in the local cache)", "name", load_hf),
+    "wds": SourceKind("wds:PATTERN (WebDataset .tar shards, e.g. shards-{000000..000009}.tar)", "pattern",
+                      load_wds),
+}
+SPEC_FORMS = tuple(k.form for k in KINDS.values())
 
 
 def spec_help(kind: str | None = None) -> str:
@@ -41,191 +77,59 @@ def spec_help(kind: str | None = None) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# The Source record
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Source:
-    """A loaded data set: labels and class names, plus pixels (array sources) or file paths (folder).
-
-    Row ids are row indices ``0..N-1``; they are stable for the same files on disk.
-    """
-
-    spec: str
-    kind: str
-    class_names: list[str]
-    labels: np.ndarray
-    in_chans: int
-    images: np.ndarray | None = None
-    files: list[str] | None = None
-    image_size: tuple[int, int] | None = None
-    official_test: np.ndarray | None = None
-    root: str | None = None  # folder sources: the directory that ``files`` are relative to in digests
-    # sources of encoded images that are not files (a dataset's rows, a shard's samples): row -> PIL image
-    reader: Callable[[int], Any] | None = None
-
-    @property
-    def num_classes(self) -> int:
-        """Number of classes (length of ``class_names``)."""
-        return len(self.class_names)
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def _check_row(self, i: int) -> int:
-        n = len(self)
-        if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)):
-            raise TypeError(f"row index must be an integer, got {type(i).__name__}")
-        if not 0 <= int(i) < n:
-            raise IndexError(f"row {int(i)} is out of range for {self.spec!r} with {n} rows")
-        return int(i)
-
-    def load_image(self, i: int) -> np.ndarray:
-        """Return row ``i`` as a new ``uint8 (H, W, C)`` array; an unreadable file raises DataError."""
-        i = self._check_row(i)
-        if self.images is not None:
-            return np.array(self.images[i], dtype=np.uint8, copy=True)
-        if self.files is None:
-            raise RuntimeError(f"source {self.spec!r} has neither images nor files")
-        return _read_image_file(self.files[i], self.in_chans)
-
-    def pil_image(self, i: int, mode: str = "RGB") -> Any:
-        """Row ``i`` of a source of encoded images (folder files, or rows read by ``reader``) as a PIL image in
-        ``mode``; a row that cannot be decoded raises DataError."""
-        if self.reader is not None:
-            return self.reader(int(i)).convert(mode)
-        if self.files is None:
-            raise RuntimeError(f"source {self.spec!r} holds no encoded images")
-        return read_pil_image(self.files[int(i)], mode)
-
-    def content_digest(self, indices: np.ndarray) -> str:
-        """SHA-256 hex digest over the given rows, in the given order: row ids, labels and content.
-
-        Array sources hash the image bytes (and the image shape). Folder sources hash, for each row,
-        the file's path relative to the source root and its size in bytes, not the pixels: this is
-        cheap for large folders and still changes when a file is added, renamed, moved to another
-        class or rewritten with a different size (a same-size in-place edit is not detected).
-        """
-        idx = np.asarray(indices)
-        if idx.ndim != 1 or not (idx.size == 0 or np.issubdtype(idx.dtype, np.integer)):
-            raise TypeError("indices must be a 1-D array of integer row ids")
-        idx = idx.astype(np.int64, copy=False)
-        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
-            raise IndexError(f"row ids must be in 0..{len(self) - 1} for {self.spec!r}")
-        h = hashlib.sha256(_DIGEST_TAG)
-        h.update(struct.pack("<q", idx.size))
-        if self.images is not None:
-            h.update(b"pixels" + struct.pack("<3q", *self.images.shape[1:]))
-            for start in range(0, idx.size, _DIGEST_CHUNK):
-                chunk = idx[start : start + _DIGEST_CHUNK]
-                h.update(chunk.astype("<i8").tobytes())
-                h.update(self.labels[chunk].astype("<i8").tobytes())
-                h.update(np.ascontiguousarray(self.images[chunk]).tobytes())
-            return h.hexdigest()
-        if self.files is None:
-            raise RuntimeError(f"source {self.spec!r} has neither images nor files")
-        h.update(b"files")
-        root = self.root or os.path.dirname(os.path.commonpath(self.files))
-        for row in idx.tolist():
-            path = self.files[row]
-            rel = os.path.relpath(path, root).replace(os.sep, "/").encode("utf-8")
-            try:
-                size = os.stat(path).st_size
-            except OSError as exc:
-                raise DataError(
-                    f"cannot read image file {path}: {exc.strerror or exc}",
-                    "restore the file or reload the data source",
-                ) from None
-            h.update(struct.pack("<qqq", row, int(self.labels[row]), len(rel)) + rel + struct.pack("<q", size))
-        return h.hexdigest()
-
-
-def read_pil_image(path: str, mode: str = "RGB") -> Any:
-    """Decode one image file with PIL, converted to ``mode``; any failure becomes a DataError."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return im.convert(mode)  # convert() decodes: a broken file fails here, inside the try
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        raise DataError(
-            f"cannot read image file {path}: {type(exc).__name__}: {exc}",
-            "replace or delete the corrupt file",
-        ) from None
-
-
-def _read_image_file(path: str, in_chans: int) -> np.ndarray:
-    """Decode one image file with PIL into uint8 (H, W, C); any failure becomes a DataError."""
-    arr = np.asarray(read_pil_image(path, "RGB" if in_chans == 3 else "L"), dtype=np.uint8)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    return arr
-
-
-# --------------------------------------------------------------------------------------------------
 # Spec parsing
 # --------------------------------------------------------------------------------------------------
 
 
-def load_source(spec: str) -> Source:
-    """Parse ``spec`` (e.g. ``"mnist:/data/mnist"``) and load that data source."""
+def _parse(spec: str) -> tuple[str, str]:
+    """``(kind, argument)`` of a spec; an unknown kind or a missing argument is a DataError."""
     if not isinstance(spec, str) or not spec.strip():
         raise DataError(f"empty data source spec {spec!r}", spec_help())
-    text = spec.strip()
-    kind, sep, arg = text.partition(":")
-    kind = kind.strip().lower()
-    arg = arg.strip()
+    kind, _, arg = spec.strip().partition(":")
+    kind, arg = kind.strip().lower(), arg.strip()
     if kind not in KINDS:
         raise DataError(f"unknown data source {spec!r}", spec_help())
-    if kind == "digits":
+    if KINDS[kind].argument == "none":
         if arg:
-            raise DataError(f"data source {spec!r}: 'digits' takes no path", spec_help())
-        return _load_digits(spec)
-    if not arg:
+            raise DataError(f"data source {spec!r}: {kind!r} takes no path", spec_help())
+    elif not arg:
         raise DataError(f"data source {spec!r} is missing its path (expected '{kind}:PATH')", spec_help())
-    path = os.path.abspath(os.path.expanduser(arg))
-    if kind == "npz":
-        if not os.path.isfile(path):
-            what = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
-            raise DataError(f"data source {spec!r}: {path} {what}", spec_help(kind))
-    elif not os.path.isdir(path):
-        what = "is a file, not a directory" if os.path.exists(path) else "does not exist"
-        raise DataError(f"data source {spec!r}: {path} {what}", spec_help(kind))
-    from .cifar import load_cifar10, load_cifar100
-    from .mnist import load_mnist
-
-    loaders: dict[str, Callable[[str, str], Source]] = {
-        "mnist": load_mnist,
-        "cifar10": load_cifar10,
-        "cifar100": load_cifar100,
-        "folder": _load_folder,
-        "npz": _load_npz,
-    }
-    return loaders[kind](spec, path)
+    return kind, arg
 
 
-def finish(source: Source) -> Source:
-    """Check invariants shared by all sources: non-empty, int64 labels in range."""
-    n = len(source)
-    where = source.spec
-    if n == 0:
-        raise DataError(f"data source {where!r} holds no images", "point it at a non-empty data set")
-    if source.num_classes == 0:
-        raise DataError(f"data source {where!r} has no classes", "provide at least one class")
-    labels = source.labels
-    if labels.min() < 0 or labels.max() >= source.num_classes:
-        bad = int(labels.min()) if labels.min() < 0 else int(labels.max())
-        raise DataError(
-            f"data source {where!r} has label {bad}, outside 0..{source.num_classes - 1}",
-            "fix the labels or the list of class names",
-        )
-    if source.images is not None:
-        assert source.images.dtype == np.uint8 and source.images.ndim == 4
-        assert source.images.shape[0] == n and source.images.shape[3] == source.in_chans
-    if source.official_test is not None:
-        assert source.official_test.dtype == np.bool_ and source.official_test.shape == (n,)
-    return source
+def spec_problem(spec: str) -> str | None:
+    """Why ``spec`` cannot name data on this machine, checked cheaply (nothing is read): e.g. ``"/x does not
+    exist"``; None when it may (an unknown kind is left to :func:`load_source` to explain)."""
+    try:
+        kind, arg = _parse(spec)
+    except DataError:
+        return None
+    argument = KINDS[kind].argument
+    if argument in ("dir", "file"):
+        path = os.path.abspath(os.path.expanduser(arg))
+        return None if os.path.exists(path) else f"{path} does not exist"
+    if argument == "name":
+        local = local_hf_path(arg)
+        return f"{local} does not exist" if local is not None and not os.path.exists(local) else None
+    if argument == "pattern":
+        return pattern_problem(arg)
+    return None
+
+
+def load_source(spec: str, options: DataConfig | None = None) -> Source:
+    """Parse ``spec`` (e.g. ``"mnist:/data/mnist"``) and load that data source; ``options`` are the data settings
+    that some kinds read (``hf:``'s config, splits and columns; ``wds:``'s fields)."""
+    kind, arg = _parse(spec)
+    argument = KINDS[kind].argument
+    if argument in ("dir", "file"):
+        arg = os.path.abspath(os.path.expanduser(arg))
+        want_file = argument == "file"
+        if not (os.path.isfile(arg) if want_file else os.path.isdir(arg)):
+            what = "does not exist"
+            if os.path.exists(arg):
+                what = "is a directory, not a file" if want_file else "is a file, not a directory"
+            raise DataError(f"data source {spec!r}: {arg} {what}", spec_help(kind))
+    return KINDS[kind].load(spec, arg, options)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from ..targets import (MASTER_NAME, SPLIT_NAMES, ShardWriter, StoreLock, StoreMe
 
 # The data settings that decide which rows go into which split (the rest only change augmentation/loading).
 SPLIT_KEYS = ("source", "split_seed", "val_size", "test_size", "use_official_test", "labeled_per_class",
-              "labeled_fraction")
+              "labeled_fraction", "image_column", "label_column", "hf_config", "hf_splits", "hf_test_split")
 UNLABELED = -1
 
 
@@ -317,7 +317,7 @@ def setup_data(cfg: PrecomputeConfig, teacher: Teacher, console: Console) -> Tea
     if cfg.data is None:
         raise ConfigError("--model/--checkpoint needs --data (plain weights do not record their data)",
                           "pass --data SOURCE, e.g. --data mnist:DIR")
-    source = load_source(cfg.data.source)
+    source = load_source(cfg.data.source, cfg.data)
     splits = make_splits(source, cfg.data)
     art = teacher.artifact
     if art is None:
