@@ -1102,11 +1102,7 @@ BUILDERS: list[Callable[[Path, Fx], Case]] = [
     tl_yaml_alias_bomb, tl_set_alias_bomb, tl_folder_symlink_loop, tl_folder_duplicate_file, tl_folder_hard_link,
     tl_folder_linked_under_two_classes, tl_folder_empty_image,
     tl_model_too_small_input, tl_pretrained_unknown_name, tl_pretrained_unknown_tag, tl_pretrained_not_in_cache,
-    tl_pretrained_head_never_trained, tl_bad_init,
-
-
-    tl_yaml_alias_bomb, tl_set_alias_bomb, tl_folder_symlink_loop, tl_folder_duplicate_file, tl_folder_empty_image,
-    tl_model_too_small_input, tl_hf_missing_column, tl_hf_label_outside_classes, tl_hf_undecodable_image,
+    tl_pretrained_head_never_trained, tl_bad_init, tl_hf_missing_column, tl_hf_label_outside_classes, tl_hf_undecodable_image,
     tl_wds_missing_cls, tl_wds_undecodable_image, tl_wds_undecodable_image_in_a_worker,
     tl_wds_pattern_matches_nothing,
     pc_topk_too_large, pc_negative_topk, pc_teacher_truncated, pc_teacher_other_arch, pc_checkpoint_other_arch,
@@ -1116,10 +1112,7 @@ BUILDERS: list[Callable[[Path, Fx], Case]] = [
     di_nan_logits, di_not_hdf5, di_teacher_as_targets, di_missing_store, di_outside_store_folder, di_negative_steps,
     di_unknown_mode, di_resume_nothing, di_resume_hostile, di_class_count, di_class_names_order,
     di_student_too_small_input, di_student_head_without_reset, di_student_input_size_too_small,
-    di_student_pretrained_not_in_cache, di_views_of_one_size_for_another,
-
-
-    di_student_too_small_input, di_wds_shard_changed,
+    di_student_pretrained_not_in_cache, di_views_of_one_size_for_another, di_wds_shard_changed,
     in_missing, in_missing_store, in_not_artifact, in_plain_state_dict, in_truncated, in_hostile,
     ex_targets_store, ex_truncated, ex_unknown_format, ex_hostile, ex_reduced_teacher,
     run_missing_pipeline, run_not_mapping, run_invalid_yaml, run_malformed_set, run_python_object, run_python_name,
