@@ -11,23 +11,21 @@ import tempfile
 from pathlib import Path
 
 # Nothing in the tests downloads anything: pretrained weights come from a Hugging Face Hub cache the tests write
-# (hub_cache below), read offline. Set before timm (and huggingface_hub) are imported; subprocesses inherit it.
+# (hub_cache below), read offline; hf: sources convert data files into a datasets cache of the tests' own. Set before
+# timm, huggingface_hub and datasets are imported (they read these once); subprocesses inherit them.
 HUB_CACHE = Path(tempfile.mkdtemp(prefix="reducedmpl-hub-"))
 atexit.register(shutil.rmtree, HUB_CACHE, True)
-os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(HUB_CACHE), HF_HOME=str(HUB_CACHE.parent / "hf-home-unused"))
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HUB_CACHE=str(HUB_CACHE),
+                  HF_HOME=str(HUB_CACHE / "home"))
+if "HF_DATASETS_CACHE" not in os.environ:
+    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="reducedmpl-test-hf-cache-")
+    atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], True)
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 torch.set_num_threads(2)
-# hf: sources convert data files into the datasets cache: the tests keep theirs in a folder of their own, and never
-# download anything (set before the datasets library is first imported, which reads them once)
-if "HF_DATASETS_CACHE" not in os.environ:
-    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="reducedmpl-test-hf-cache-")
-    atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], True)
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 MNIST_DIR = REPO.parent / "shared" / "data" / "mnist-t10k"
 
