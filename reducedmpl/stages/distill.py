@@ -365,11 +365,7 @@ def train(cfg: DistillConfig, data: DataSetup, store: TargetStore, device: torch
             measure = (d.step_count + 1) % cfg.log_every == 0
             o = d.step(measure)
             step = d.step_count
-            if not math.isfinite(o.student_loss):
-                if job.main:  # a --resume would only reach this step again: a plain rerun may start afresh
-                    drop_run(job.out, ARTIFACT)
-                raise UserError(f"the student's loss became {o.student_loss} at step {step}",
-                                "lower the learning rate (distill.student_optim.lr) or enable clip_grad")
+            _check_finite(o.student_loss, step, job)
             probes.snapshot(d)
             if measure or step == total:
                 row = {"step": step, "lr": d.lr, **_finite(vars(o))}
@@ -398,6 +394,16 @@ def train(cfg: DistillConfig, data: DataSetup, store: TargetStore, device: torch
     extra.update({"probes.json": probes.data, "result.json": result})
     job.finish(build_artifact("student", final, student, data, config_dict, result, step=total), result, extra)
     return result
+
+
+def _check_finite(loss: float, step: int, job: stage.StageRun) -> None:
+    """A non-finite student loss stops the run; a --resume would only reach this step again, so the run is dropped
+    and a plain rerun may start afresh."""
+    if not math.isfinite(loss):
+        if job.main:
+            drop_run(job.out, ARTIFACT)
+        raise UserError(f"the student's loss became {loss} at step {step}",
+                        "lower the learning rate (distill.student_optim.lr) or enable clip_grad")
 
 
 def _reduced_teacher_artifact(d: Distiller, store: TargetStore) -> dict:
