@@ -274,3 +274,45 @@ def test_inspect_shows_where_the_weights_came_from(hub_cache, tmp_path: Path) ->
     assert "crop_pct 1.0  bicubic" in shown
     report = json.loads(cli("inspect", tmp_path / "t" / "teacher.pt", "--no-latency", "--json").stdout)
     assert report["weights"]["hub_id"] == "acme/digits-resnet" and not report["problems"]
+
+
+def test_layer_decay_reaches_timms_optimizer() -> None:
+    """optim.layer_decay gives the layers timm's decayed learning-rate scales (the head 1, the stem the least)."""
+    import timm
+
+    from reducedmpl.config import OptimConfig
+    from reducedmpl.engine.optim import create_optimizer
+
+    model = timm.create_model("test_resnet", num_classes=3)
+    plain = create_optimizer(model, OptimConfig(lr=1e-3))
+    assert {g.get("lr_scale", 1.0) for g in plain.param_groups} == {1.0}
+    decayed = create_optimizer(model, OptimConfig(lr=1e-3, layer_decay=0.5))
+    scales = sorted({round(g["lr_scale"], 6) for g in decayed.param_groups})
+    assert len(scales) >= 3 and scales[-1] == 1.0 and scales[0] <= 0.5 ** (len(scales) - 1) + 1e-9
+
+
+def test_online_kd_runs_the_teacher_at_its_own_size(tiny_teacher, tiny_targets, tmp_path: Path) -> None:
+    """A 16-px student with the 8-px digits teacher: the teacher gets the student's view brought to its size and
+    normalisation, exactly as LargeTeacher.inputs makes it."""
+    from reducedmpl.config import stage_config
+    from reducedmpl.data.loading import Preprocess, resize
+    from reducedmpl.models import load_artifact, model_source
+    from reducedmpl.stages.distill import Distiller, open_store, resolve_data, student_data
+
+    cli("distill", "--targets", tiny_targets, "--mode", "online-kd", "--teacher", tiny_teacher, "--steps", "2",
+        "--input-size", "16", "--set", "distill.batch_size=8", "--set", "distill.unlabeled_batch_size=16",
+        "--out", tmp_path / "o", "--quiet")
+    cfg = stage_config("distill", flags={"mode": "online-kd", "large_teacher": str(tiny_teacher), "steps": 2,
+                                          "device": "cpu", "input_size": 16})
+    store = open_store(tiny_targets, 64)
+    src = model_source(cfg.student)
+    d = Distiller(cfg, student_data(cfg, resolve_data(cfg, store), src), store, torch.device("cpu"), student=src)
+    large = d.method.large
+    x, _, _ = d.unlabeled.next()
+    t_prep = Preprocess.from_dict(load_artifact(tiny_teacher, "teacher")["preprocess"])
+    s_mean, s_std = d.data.prep.norm_tensors()
+    t_mean, t_std = t_prep.norm_tensors()
+    pixels = resize(x * s_std + s_mean, 8, t_prep.interpolation)
+    assert x.shape[-1] == 16 and large.inputs(x).shape[-1] == 8
+    torch.testing.assert_close(large.inputs(x), (pixels - t_mean) / t_std)
+    store.close()
