@@ -201,7 +201,12 @@ NAMED = {
     "source": st.sampled_from(["digits", "mnist:/data/mnist", "folder:/x", "npz:/a.npz"]),
     "model": st.sampled_from(["resnet18", "test_resnet", "vit_tiny_patch16_224"]),
     "student": st.sampled_from(["resnet18", "test_resnet"]),
-    "init": st.sampled_from(["scratch", "checkpoint:/w/teacher.pt"]),
+    "init": st.sampled_from(["scratch", "pretrained", "checkpoint:/w/teacher.pt"]),
+    "student_init": st.sampled_from(["scratch", "pretrained", "checkpoint:/w/student.pt"]),
+    "interpolation": st.sampled_from([None, "bilinear", "bicubic", "nearest"]),
+    "mean": st.one_of(st.none(), st.lists(st.floats(0.05, 0.95), min_size=1, max_size=1),
+                      st.lists(st.floats(0.05, 0.95), min_size=3, max_size=3)),
+    "std": st.one_of(st.none(), st.lists(st.floats(0.05, 0.95), min_size=3, max_size=3)),
     "opt": st.sampled_from(["adamw", "sgd", "momentum", "lamb"]),
     "randaugment": st.sampled_from([None, "rand-m9-n2", "rand-m5-n1"]),
     "splits": st.lists(st.sampled_from(["labeled", "unlabeled", "val", "test"]), min_size=1, max_size=4, unique=True),
@@ -234,6 +239,8 @@ def value_for(path: str, tp: Any) -> st.SearchStrategy:
         return st.floats(1e-6, 0.99, allow_subnormal=False)
     if tp is str:
         return st.text("abcdefgh_0123456789", min_size=1, max_size=10)
+    if typing.get_origin(tp) is list:
+        return st.lists(value_for(f"{path}[]", typing.get_args(tp)[0]), min_size=1, max_size=3)
     raise AssertionError(f"no strategy for {path}: {tp}")
 
 
