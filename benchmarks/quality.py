@@ -116,6 +116,13 @@ def folder_name(spec: str) -> str:
     return spec.replace(":", "__").replace(",", "_").replace("=", "-").replace("/", "_")
 
 
+def run_folder(args, spec: str) -> Path:
+    """Where a variant's runs are cached: by its spec, and by ``--student`` when that is not the default (so runs
+    of another student are never taken for these)."""
+    name = folder_name(spec) + ("" if args.student == "test_resnet" else f"@{folder_name(args.student)}")
+    return Path(args.out) / "distill" / name
+
+
 # ------------------------------------------------------------------------------------------------ stages
 def data_dict(args) -> dict:
     return {"source": args.data, "split_seed": args.split_seed, "val_size": float(args.val_size),
@@ -176,12 +183,12 @@ def distill_one(args_dict: dict, spec: str, seed: int) -> dict:
 
     args = argparse.Namespace(**args_dict)
     torch.set_num_threads(args.threads)
-    run_dir = Path(args.out) / "distill" / f"{folder_name(spec)}" / f"seed{seed}"
+    run_dir = run_folder(args, spec) / f"seed{seed}"
     result_path = run_dir / "result.json"
     if result_path.exists():
         return json.loads(result_path.read_text())
     kw = {"steps": args.steps, "seed": seed, "device": "cpu", "eval_every": args.eval_every,
-          "log_every": 10, "checkpoint_every": 10**9, **parse_variant(spec)}
+          "log_every": 10, "checkpoint_every": 10**9, "student": args.student, **parse_variant(spec)}
     targets = str(targets_path(Path(args.out), int(kw.pop("views", 1))))
     if kw["mode"] == "online-kd":
         kw["large_teacher"] = str(Path(args.out) / "large" / "teacher.pt")
@@ -246,8 +253,9 @@ def ablation(spec: str) -> str | None:
 
 def build_report(args, results: dict[str, dict[int, dict]], command: str, elapsed: float) -> tuple[str, dict]:
     kd = results.get("kd", {})
+    students = sorted({parse_variant(spec).get("student", args.student) for spec in results})
     lines = [f"# Quality benchmark: {args.data}, {args.labels_per_class} labels/class, "
-             f"test {args.test_size} / val {args.val_size}, student test_resnet, {args.steps} steps", "",
+             f"test {args.test_size} / val {args.val_size}, student {', '.join(students)}, {args.steps} steps", "",
              f"Large teacher: {args.teacher_model}, {args.teacher_epochs} epochs on "
              f"{args.teacher_labels_per_class or args.labels_per_class} labels per class "
              f"(val {100 * args._teacher['val_acc']:.2f} %"
@@ -284,7 +292,7 @@ def build_report(args, results: dict[str, dict[int, dict]], command: str, elapse
     for spec, per_seed in results.items():
         if parse_variant(spec)["mode"] != "reducedmpl":
             continue
-        ds = [diagnostics(Path(args.out) / "distill" / folder_name(spec) / f"seed{s}") for s in per_seed]
+        ds = [diagnostics(run_folder(args, spec) / f"seed{s}") for s in per_seed]
         mean = {k: statistics.mean(d[k] for d in ds if k in d) for k in ds[0]}
         summary[spec]["diagnostics"] = mean
         any_diag = True
@@ -317,6 +325,7 @@ def main() -> None:
     p.add_argument("--teacher-batch", type=int, default=25)
     p.add_argument("--teacher-lr", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--student", default="test_resnet", help="the student of every variant that names none")
     p.add_argument("--randaugment", default=None, help="e.g. rand-m9-n2: the student's augmentation and the stored "
                                                        "views' (use its own --out)")
     p.add_argument("--eval-every", type=int, default=250)
@@ -364,7 +373,7 @@ def main() -> None:
     if "kd" not in results:
         results = {"kd": {}, **results}
         for s in args.seeds:
-            kd_res = Path(args.out) / "distill" / "kd" / f"seed{s}" / "result.json"
+            kd_res = run_folder(args, "kd") / f"seed{s}" / "result.json"
             if kd_res.exists():
                 results["kd"][s] = json.loads(kd_res.read_text())
         if not results["kd"]:
