@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 
 from . import __version__
-from .errors import ConfigError, DiskFullError, Interrupted, UserError, disk_full
+from .errors import ConfigError, DiskFullError, Interrupted, UserError, one_line, write_refused
 
 app = typer.Typer(
     name="reducedmpl", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -63,7 +63,8 @@ LogOpt = Annotated[Optional[list[str]], typer.Option(
 
 
 def fail(message: str, code: int = 2) -> None:
-    err_console.print(f"error: {message}", style="red", highlight=False, markup=False, soft_wrap=True)
+    """``error: MESSAGE`` on stderr, one line of at most :data:`~reducedmpl.errors.MESSAGE_MAX_BYTES`; exit."""
+    err_console.print(f"error: {one_line(message)}", style="red", highlight=False, markup=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -91,11 +92,11 @@ def handle_errors(fn):
                 err_console.print(str(e) if isinstance(e, Interrupted) and str(e) else
                                   "interrupted: the last checkpoint is kept; continue with --resume", highlight=False)
             raise typer.Exit(130)
-        except Exception as e:  # a full disk where no writer named the file (writers raise DiskFullError)
-            full = None if isinstance(e, typer.Exit) or _state["debug"] else disk_full(e)
-            if full is None:
+        except Exception as e:  # a full disk or a refused write where no writer named the file
+            refused = None if isinstance(e, typer.Exit) or _state["debug"] else write_refused(e)
+            if refused is None:
                 raise
-            fail(str(DiskFullError(full.filename or "a file", full.strerror or str(full))))
+            fail(str(refused))
         finally:
             distributed.shutdown()
 

@@ -34,7 +34,8 @@ from ..engine.device import prepare_model, resolve_device
 from ..engine.evaluation import predict_logits
 from ..engine.progress import HeldConsole, progress, rank_output
 from ..errors import ArtifactError, ConfigError, DataError
-from ..models import (ARTIFACT_KEYS, check_model_name, create_model, load_artifact, load_state_dict_file,
+from ..files import refuse_overwrite
+from ..models import (ARTIFACT_KEYS, check_finite, check_model_name, create_model, load_artifact, load_state_dict_file,
                       check_artifact_data, load_weights, model_from_artifact)
 from ..targets import (MASTER_NAME, SPLIT_NAMES, ShardWriter, StoreLock, StoreMeta, derive_run_key, file_sha256, plan_shards,
                        prepare_store, shard_is_complete, shard_paths, stored_predictions, target_bytes_per_row,
@@ -69,6 +70,7 @@ def open_teacher(teacher: str | Path | None = None, model: str | None = None,
                           "--teacher takes a teacher.pt written by train-large; --model/--checkpoint plain weights")
     if teacher is not None:
         art = _mapped_artifact(Path(teacher)) or load_artifact(teacher, "teacher")
+        check_finite(art["state_dict"], teacher, "teacher")
         return Teacher(Path(teacher), art["arch"], art)
     if model is None or checkpoint is None:
         missing = "--checkpoint" if model is not None else "--model" if checkpoint is not None else "--teacher"
@@ -179,6 +181,7 @@ def resolve_out(out: str | Path | None, teacher: Teacher) -> Path:
             raise ConfigError("--out is required with --model/--checkpoint", "pass --out PATH/targets.h5")
         return teacher.path.parent / MASTER_NAME
     out = Path(out)
+    refuse_overwrite({"the teacher": teacher.path}, [out], "choose another --out: the teacher is this command's input")
     if out.is_dir() or out.suffix not in (".h5", ".hdf5"):
         out = out / MASTER_NAME
     return out
@@ -394,7 +397,11 @@ def run(cfg: PrecomputeConfig, teacher: Teacher, out: str | Path | None = None, 
     console = HeldConsole(console)  # notes wait until the checks pass: a refusal prints one line
     model, data, prep, rows, meta = _prepare(cfg, teacher, console)
 
+    if cfg.shards > len(rows):
+        raise ConfigError(f"precompute.shards is {cfg.shards}, more than the {len(rows)} rows to store",
+                          f"choose at most {len(rows)} shards")
     paths = shard_paths(out, cfg.shards)
+    refuse_overwrite({"the teacher": teacher.path}, [out, *paths], "choose another --out: the teacher is the input")
     result = {"path": str(out), "rows": len(rows), "rows_per_split": rows.sizes, "run_key": meta.run_key,
               "views": meta.views, "target_bytes_per_row": target_bytes_per_row(meta),
               "shards": cfg.shards}
