@@ -241,8 +241,11 @@ def precompute(
     flags = {"data.source": data, "splits": split_list, "batch_size": batch_size, "dtype": dtype, "topk": topk,
              "shards": shards, "views": views, "temperature": temperature, "device": device}
     cfg = stage_config("precompute", config, set_ or (), flags, base=stage.config_base(source))
-    try:  # Ctrl-C: precompute has no --resume, running it again continues
-        result = stage.run(cfg, source, out, overwrite=overwrite, console=err_console, quiet=quiet)
+    from .engine.interrupt import graceful_stop
+
+    try:  # Ctrl-C stops between batches; precompute has no --resume, running it again continues
+        with graceful_stop(notice=stage.STOP_NOTICE):
+            result = stage.run(cfg, source, out, overwrite=overwrite, console=err_console, quiet=quiet)
         say(stage.summary_line(result), highlight=False, soft_wrap=True)
     except KeyboardInterrupt:
         say("interrupted: finished shards are kept; run the same command again to continue", to=err_console)

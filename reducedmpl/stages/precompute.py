@@ -32,6 +32,7 @@ from ..data.splits import Splits, make_splits
 from ..data.views import ViewMaker, ViewPolicy, make_policy
 from ..engine.device import prepare_model, resolve_device
 from ..engine.evaluation import predict_logits
+from ..engine.interrupt import stop_point
 from ..engine.progress import HeldConsole, progress, rank_output
 from ..errors import ArtifactError, ConfigError, DataError
 from ..files import refuse_overwrite
@@ -187,6 +188,10 @@ def resolve_out(out: str | Path | None, teacher: Teacher) -> Path:
     return out
 
 
+# Ctrl-C inside graceful_stop(notice=STOP_NOTICE) stops at the next stop_point(): between two batches
+STOP_NOTICE = "stopping after this batch; finished shards are kept (Ctrl-C again to stop at once)"
+
+
 # ---------------------------------------------------------------------------------------------- writing
 WRITE_BLOCK_BYTES = 1 << 20  # rows are written in blocks of about this much float32 logits (at least a batch)
 
@@ -303,6 +308,7 @@ def compute_shard(model: nn.Module, batcher: Batcher | None, rows: Rows, start: 
             out.add(rows.ids[sl], rows.labels[sl], rows.splits[sl], logits, *views)
             pos += n
             advance(n)
+            stop_point()  # a Ctrl-C stops here, between batches
 
 
 # ---------------------------------------------------------------------------------------------- the stage
