@@ -66,8 +66,9 @@ def check_model_fits(name: str, num_classes: int, in_chans: int, input_size: int
                           f"not {num_classes} class scores", "choose a classification model")
 
 
-def safe_load(path: str | Path, what: str = "checkpoint") -> Any:
-    """``torch.load(weights_only=True)`` with one-line errors for missing, truncated and hostile files."""
+def safe_load(path: str | Path, what: str = "checkpoint", fix: str = "write it again (or restore it)") -> Any:
+    """``torch.load(weights_only=True)`` with one-line errors for missing, truncated and hostile files (``fix``:
+    what to do about a damaged one)."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{what} {path} does not exist", "check the path")
@@ -86,12 +87,10 @@ def safe_load(path: str | Path, what: str = "checkpoint") -> Any:
         if "Unsupported global" in str(e) or is_pickle_stream(path):
             raise ArtifactError(f"{what} {path} holds pickled Python objects, which are never loaded",
                                 "save a plain state dict (tensors, numbers, strings) instead") from None
-        raise ArtifactError(f"{what} {path} is corrupt: neither a PyTorch file nor a whole pickle",
-                            "write it again (or restore it)") from None
+        raise ArtifactError(f"{what} {path} is corrupt: neither a PyTorch file nor a whole pickle", fix) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise ArtifactError(f"{what} {path} is corrupt or truncated ({first[:80]})",
-                            "write it again (or restore it)") from None
+        raise ArtifactError(f"{what} {path} is corrupt or truncated ({first[:80]})", fix) from None
 
 
 def check_finite(weights: Any, path: str | Path, what: str = "checkpoint") -> None:

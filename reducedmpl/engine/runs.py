@@ -67,7 +67,7 @@ def resume_state(out: Path, artifact: str, resume: bool, config: dict, ignore: t
         raise UserError(f"{out} holds a finished run", "pass --overwrite to run it again")
     if not last.exists():
         return None  # interrupted before its first checkpoint
-    state = safe_load(last, what="resume checkpoint")
+    state = safe_load(last, what="resume checkpoint", fix="pass --overwrite to start the run again")
     saved = state.get("config") if isinstance(state, dict) else None
     check_history(out, saved, ignore)
     check_weights(state, last)

@@ -301,7 +301,8 @@ REPLAYED_DATA = ("crop_padding", "hflip", "randaugment")  # the student's augmen
 def check_store_settings(cfg: DistillConfig, store: TargetStore) -> None:
     """Refuse settings the store would silently override: an augmentation setting (given in ``cfg.data``) other
     than the one the replayed views were made with, and an online-kd teacher other than the store's."""
-    if cfg.mode == "online-kd" and cfg.large_teacher is not None and Path(cfg.large_teacher).is_file():
+    if cfg.mode == "online-kd" and cfg.large_teacher is not None:
+        load_artifact(cfg.large_teacher, "teacher")  # a missing, damaged or NaN teacher is named as such first
         mine, theirs = file_sha256(cfg.large_teacher), store.meta.teacher_sha256
         if mine != theirs:
             raise ArtifactError(f"--teacher {cfg.large_teacher} is not the teacher that made the store {store.path} "
