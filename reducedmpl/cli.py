@@ -46,6 +46,32 @@ out_console = Console(soft_wrap=True, width=None if sys.stdout.isatty() or "COLU
 err_console = Console(stderr=True, soft_wrap=True)
 _state = {"debug": os.environ.get("REDUCEDMPL_DEBUG") == "1"}
 
+
+def _usage_errors_in_one_line() -> None:
+    """A usage error (an unknown option, a flag's value of the wrong type, a missing option) is one ``error:``
+    line that says where help is, like every other error, instead of Typer's framed panel over several lines."""
+    try:
+        from typer import rich_utils
+    except ImportError:  # without rich, click prints its own two lines
+        return
+    shown = getattr(rich_utils, "rich_format_error", None)
+    if shown is None or getattr(shown, "_one_line", False):
+        return
+
+    def rich_format_error(self) -> None:
+        if self.__class__.__name__ == "NoArgsIsHelpError":  # no arguments: the help itself
+            return shown(self)
+        ctx = getattr(self, "ctx", None)
+        where = f"see `{ctx.command_path} --help`" if ctx is not None else "see `reducedmpl --help`"
+        err_console.print(f"error: {one_line(self.format_message(), where)}", style="red", highlight=False,
+                          markup=False, soft_wrap=True)
+
+    rich_format_error._one_line = True
+    rich_utils.rich_format_error = rich_format_error
+
+
+_usage_errors_in_one_line()
+
 # Shared options
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Pipeline YAML file with the settings.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option(

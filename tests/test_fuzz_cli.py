@@ -107,6 +107,41 @@ def test_random_overrides_of_a_stage_command(pipeline, sets, command):
     assert result.exit_code == 2  # the input is missing: refused, after the settings, never run
 
 
+# Each command with an input that does not exist, given last (so it wins over a random one): a random command line
+# is refused, or prints help, and never starts a run
+GUARDED = {"train-large": ["--data", "npz:{m}.npz"], "distill": ["--targets", "{m}.h5"], "precompute": ["--teacher", "{m}.pt"],
+           "export": ["--format", "onnx"], "inspect": [], "run": [], "report": []}
+POSITIONAL = {"export": "{m}.pt", "inspect": "{m}.pt", "run": "{m}.yaml", "report": "{m}"}
+
+
+def options_of(command: str) -> list[str]:
+    import typer
+
+    from reducedmpl.cli import app
+
+    group = typer.main.get_command(app)
+    return sorted(o for p in group.commands[command].params for o in getattr(p, "opts", []) if o.startswith("-"))
+
+
+@st.composite
+def command_lines(draw) -> tuple[str, list[str]]:
+    command = draw(st.sampled_from(sorted(GUARDED)))
+    token = st.one_of(st.sampled_from(options_of(command)), st.sampled_from(["--", "-", "-x", "--no-such", "=", ""]),
+                      st.integers(-10**20, 10**20).map(str), st.floats().map(repr), st.text(max_size=20), long_text)
+    return command, draw(st.lists(token, max_size=6))
+
+
+@settings(FUZZ, max_examples=80)
+@given(line=command_lines())
+def test_random_command_lines(pipeline, line):
+    command, tokens = line
+    m = str(pipeline.parent / "missing")
+    args = [command, *([POSITIONAL[command].format(m=m)] if command in POSITIONAL else []), *tokens,
+            *(a.format(m=m) for a in GUARDED[command])]
+    result, seconds = timed_cli(*args)
+    assert_clean(result, seconds)
+
+
 sections = st.sampled_from(["name", "data", "train_large", "precompute", "distill", "compare", "unknown_section"])
 
 
