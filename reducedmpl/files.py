@@ -92,9 +92,11 @@ def refuse_overwrite(inputs: dict[str, str | os.PathLike[str] | None], outputs: 
 
 def check_writable(path: str | os.PathLike[str]) -> None:
     """Refuse at once, naming ``path``, when the folder it goes into cannot be written (permissions, a read-only
-    file system, an immutable folder): an empty probe file is created and removed."""
+    file system, an immutable folder): an empty file is created and removed under :func:`temp_path` (the name a
+    killed run's leftovers have, which the next run removes; a writer that may run beside another of the same
+    ``path`` calls this only once it holds its lock)."""
     path = Path(path)
-    probe = path.with_name(f".{path.name}.write-test")
+    probe = temp_path(path)
     try:
         with open(probe, "wb"):
             pass

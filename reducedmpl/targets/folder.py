@@ -117,10 +117,13 @@ class StoreLock:
             raise UserError(f"cannot create the folder of {master} ({e.strerror or e})",
                             "choose a writable --out") from None
         try:
-            check_writable(master)
+            self._lock(master)
+            check_writable(master)  # under the lock: its probe file is the master's temporary name
         except UserError:
             self.release()
             raise
+
+    def _lock(self, master: Path) -> None:
         try:
             import fcntl
         except ImportError:  # no flock on this system: one writer at a time is up to the user
@@ -128,7 +131,6 @@ class StoreLock:
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            self.release()
             raise UserError(f"another precompute is writing {master} right now (it holds a lock on {self.path})",
                             "wait for it to finish, or choose another --out") from None
 
