@@ -46,7 +46,7 @@ def prepare_out_dir(out: str | Path, artifact: str, resume: bool, overwrite: boo
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create output folder {out} ({e.strerror or e})",
+        raise UserError(f"cannot write to output folder {out} ({e.strerror or e})",
                         "choose a writable --out or fix its permissions") from None
     check_writable(out / artifact)
     return out
