@@ -6,6 +6,7 @@ Known problems (:class:`UserError`) print one line on stderr and exit with code 
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import sys
 from pathlib import Path
@@ -272,7 +273,8 @@ def precompute(
     try:  # Ctrl-C stops between batches; precompute has no --resume, running it again continues
         with graceful_stop(notice=stage.STOP_NOTICE):
             result = stage.run(cfg, source, out, overwrite=overwrite, console=err_console, quiet=quiet)
-        say(stage.summary_line(result), highlight=False, soft_wrap=True)
+            say(stage.summary_line(result), highlight=False, soft_wrap=True)
+            gc.collect()  # the run's cyclic garbage (and its weakref callbacks) goes while Ctrl-C is only a request
     except KeyboardInterrupt:
         say("interrupted: finished shards are kept; run the same command again to continue", to=err_console)
         raise typer.Exit(130)
