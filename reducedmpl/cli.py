@@ -6,6 +6,7 @@ Known problems (:class:`UserError`) print one line on stderr and exit with code 
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import typer
 from rich.console import Console
 
 from . import __version__
-from .errors import ConfigError, DiskFullError, Interrupted, UserError, disk_full
+from .errors import ConfigError, DiskFullError, Interrupted, UserError, one_line, write_refused
 
 app = typer.Typer(
     name="reducedmpl", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -46,6 +47,32 @@ out_console = Console(soft_wrap=True, width=None if sys.stdout.isatty() or "COLU
 err_console = Console(stderr=True, soft_wrap=True)
 _state = {"debug": os.environ.get("REDUCEDMPL_DEBUG") == "1"}
 
+
+def _usage_errors_in_one_line() -> None:
+    """A usage error (an unknown option, a flag's value of the wrong type, a missing option) is one ``error:``
+    line that says where help is, like every other error, instead of Typer's framed panel over several lines."""
+    try:
+        from typer import rich_utils
+    except ImportError:  # without rich, click prints its own two lines
+        return
+    shown = getattr(rich_utils, "rich_format_error", None)
+    if shown is None or getattr(shown, "_one_line", False):
+        return
+
+    def rich_format_error(self) -> None:
+        if self.__class__.__name__ == "NoArgsIsHelpError":  # no arguments: the help itself
+            return shown(self)
+        ctx = getattr(self, "ctx", None)
+        where = f"see `{ctx.command_path} --help`" if ctx is not None else "see `reducedmpl --help`"
+        err_console.print(f"error: {one_line(self.format_message(), where)}", style="red", highlight=False,
+                          markup=False, soft_wrap=True)
+
+    rich_format_error._one_line = True
+    rich_utils.rich_format_error = rich_format_error
+
+
+_usage_errors_in_one_line()
+
 # Shared options
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Pipeline YAML file with the settings.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option(
@@ -64,7 +91,8 @@ LogOpt = Annotated[Optional[list[str]], typer.Option(
 
 
 def fail(message: str, code: int = 2) -> None:
-    err_console.print(f"error: {message}", style="red", highlight=False, markup=False, soft_wrap=True)
+    """``error: MESSAGE`` on stderr, one line of at most :data:`~reducedmpl.errors.MESSAGE_MAX_BYTES`; exit."""
+    err_console.print(f"error: {one_line(message)}", style="red", highlight=False, markup=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -92,11 +120,11 @@ def handle_errors(fn):
                 err_console.print(str(e) if isinstance(e, Interrupted) and str(e) else
                                   "interrupted: the last checkpoint is kept; continue with --resume", highlight=False)
             raise typer.Exit(130)
-        except Exception as e:  # a full disk where no writer named the file (writers raise DiskFullError)
-            full = None if isinstance(e, typer.Exit) or _state["debug"] else disk_full(e)
-            if full is None:
+        except Exception as e:  # a full disk or a refused write where no writer named the file
+            refused = None if isinstance(e, typer.Exit) or _state["debug"] else write_refused(e)
+            if refused is None:
                 raise
-            fail(str(DiskFullError(full.filename or "a file", full.strerror or str(full))))
+            fail(str(refused))
         finally:
             distributed.shutdown()
 
@@ -251,9 +279,13 @@ def precompute(
     flags = {"data.source": data, "splits": split_list, "batch_size": batch_size, "dtype": dtype, "topk": topk,
              "shards": shards, "views": views, "temperature": temperature, "device": device}
     cfg = stage_config("precompute", config, set_ or (), flags, base=stage.config_base(source))
-    try:  # Ctrl-C: precompute has no --resume, running it again continues
-        result = stage.run(cfg, source, out, overwrite=overwrite, console=err_console, quiet=quiet)
-        say(stage.summary_line(result), highlight=False, soft_wrap=True)
+    from .engine.interrupt import graceful_stop
+
+    try:  # Ctrl-C stops between batches; precompute has no --resume, running it again continues
+        with graceful_stop(notice=stage.STOP_NOTICE):
+            result = stage.run(cfg, source, out, overwrite=overwrite, console=err_console, quiet=quiet)
+            say(stage.summary_line(result), highlight=False, soft_wrap=True)
+            gc.collect()  # the run's cyclic garbage (and its weakref callbacks) goes while Ctrl-C is only a request
     except KeyboardInterrupt:
         say("interrupted: finished shards are kept; run the same command again to continue", to=err_console)
         raise typer.Exit(130)

@@ -30,6 +30,11 @@ import yaml
 from .errors import ConfigError
 
 
+# Ranges checked before anything is allocated in proportion to them
+MAX_INPUT_SIZE = 4096  # pixels on a side
+MAX_SHARDS = 10_000
+
+
 # --------------------------------------------------------------------------------------------------- sections
 @dataclass
 class DataConfig:
@@ -61,7 +66,8 @@ class DataConfig:
         _check(self.labeled_per_class is None or self.labeled_per_class >= 1, "data.labeled_per_class must be >= 1")
         _check(self.labeled_fraction is None or 0 < self.labeled_fraction <= 1,
                "data.labeled_fraction must be in (0, 1]")
-        _check(self.input_size is None or self.input_size >= 4, "data.input_size must be >= 4")
+        _check(self.input_size is None or 4 <= self.input_size <= MAX_INPUT_SIZE,
+               f"data.input_size must be in 4..{MAX_INPUT_SIZE}")
         _check(self.crop_padding >= 0, "data.crop_padding must be >= 0")
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
         if self.randaugment is not None:
@@ -175,7 +181,7 @@ class PrecomputeConfig:
                "precompute.splits must list each split at most once and not be empty")
         _check(self.batch_size >= 1, "precompute.batch_size must be >= 1")
         _check(self.topk >= 0, "precompute.topk must be >= 0")
-        _check(self.shards >= 1, "precompute.shards must be >= 1")
+        _check(1 <= self.shards <= MAX_SHARDS, f"precompute.shards must be in 1..{MAX_SHARDS}")
         _check(self.temperature > 0, "precompute.temperature must be > 0")
         _check(1 <= self.views <= 256, "precompute.views must be in 1..256")
         _check(self.view_seed >= 0, "precompute.view_seed must be >= 0")
@@ -370,8 +376,15 @@ def parse_randaugment(spec: str) -> tuple[int, int]:
 
 
 def nearest(key: str, valid: typing.Iterable[str]) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-    return f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(sorted(valid))}"
+    """The fix for an unknown ``key``: the nearest valid key, else the first valid keys (a short line)."""
+    names = sorted(valid)
+    close = difflib.get_close_matches(key[:100], names, n=1, cutoff=0.5)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    shown = ", ".join(names)
+    if len(shown) > 80:
+        shown = shown[:shown.rfind(", ", 0, 80)] + f", ... ({len(names)} in all)"
+    return f"valid keys: {shown}"
 
 
 def _type_name(tp: Any) -> str:
@@ -450,8 +463,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = bounded_safe_load(raw) if raw.strip() else ""
     except YamlTooLarge as e:
-        raise ConfigError(f"--set {key.strip()[:60]}=... is refused: {e}",
-                          "write the value out, without anchors and aliases") from None
+        raise ConfigError(f"--set {key.strip()[:60]}=... is refused: {e}", e.fix) from None
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
@@ -475,47 +487,92 @@ def apply_overrides(data: dict, overrides: typing.Sequence[str], section: str | 
     return data
 
 
-YAML_NODE_BUDGET = 10_000  # values a YAML text may stand for once its aliases are expanded
+# libyaml's safe loader where PyYAML has it (the same documents and errors, 40 times faster), else PyYAML's own
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+YAML_MAX_BYTES = 1 << 20  # a settings text (a pipeline, a --config file, a --set value) holds at most 1 MiB
+YAML_ALIAS_VALUES = 10_000  # values its aliases may add once written out
+YAML_ALIAS_CHARS = 1_000_000  # characters of scalars its aliases may add once written out
 
 
 class YamlTooLarge(Exception):
-    """A YAML text whose aliases expand past :data:`YAML_NODE_BUDGET` values (or refer to themselves)."""
+    """A YAML text over :data:`YAML_MAX_BYTES`, or whose aliases would add more than :data:`YAML_ALIAS_VALUES`
+    values or :data:`YAML_ALIAS_CHARS` characters once expanded (or refer to themselves); ``fix`` says what to do."""
+
+    def __init__(self, problem: str, fix: str = "write the values out, with fewer anchors and aliases"):
+        super().__init__(problem)
+        self.fix = fix
 
 
-def _expanded_size(node: yaml.Node, memo: dict, open_: set) -> int:
-    """How many values ``node`` stands for with every alias written out; stops past the budget."""
+def _too_long(size: int) -> YamlTooLarge:
+    return YamlTooLarge(f"it is {size / (1 << 20):.1f} MiB, over the {YAML_MAX_BYTES >> 20} MiB a settings text may "
+                        "hold", "keep settings short: a long list of values belongs in a data file")
+
+
+def _children(node: yaml.Node) -> list:
+    if isinstance(node, yaml.SequenceNode):
+        return node.value
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+def _plain_size(root: yaml.Node) -> tuple[int, int]:
+    """(values, scalar characters) of the document as written: every node once, however often it is aliased."""
+    seen, stack, values, chars = set(), [root], 0, 0
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        values += 1
+        chars += len(node.value) if isinstance(node, yaml.ScalarNode) else 0
+        stack.extend(_children(node))
+    return values, chars
+
+
+def _expanded_size(node: yaml.Node, memo: dict, open_: set, limit: tuple[int, int]) -> tuple[int, int]:
+    """(values, scalar characters) ``node`` stands for with every alias written out; stops past ``limit``."""
     key = id(node)
     if key in memo:
         return memo[key]
     if key in open_:
         raise YamlTooLarge("an alias refers to the value that contains it")
     open_.add(key)
-    size = 1
-    if isinstance(node, yaml.SequenceNode):
-        children = node.value
-    elif isinstance(node, yaml.MappingNode):
-        children = [n for pair in node.value for n in pair]
-    else:
-        children = []
-    for child in children:
-        size += _expanded_size(child, memo, open_)
-        if size > YAML_NODE_BUDGET:
-            raise YamlTooLarge(f"its aliases expand to more than {YAML_NODE_BUDGET:,} values")
+    values, chars = 1, len(node.value) if isinstance(node, yaml.ScalarNode) else 0
+    for child in _children(node):
+        v, c = _expanded_size(child, memo, open_, limit)
+        values, chars = values + v, chars + c
+        if values > limit[0]:
+            raise YamlTooLarge(f"its aliases expand to more than {YAML_ALIAS_VALUES:,} values")
+        if chars > limit[1]:
+            raise YamlTooLarge(f"its aliases expand to more than {YAML_ALIAS_CHARS:,} characters")
     open_.discard(key)
-    memo[key] = size
-    return size
+    memo[key] = values, chars
+    return values, chars
 
 
 def bounded_safe_load(text: str) -> Any:
-    """``yaml.safe_load`` that first measures the composed document (cheap: aliases share their node) and raises
-    :class:`YamlTooLarge` for an alias bomb, before anything is expanded."""
-    loader = yaml.SafeLoader(text)
+    """``yaml.safe_load`` within the budget of :class:`YamlTooLarge`: the size of the text is checked first, then
+    the composed document is measured (cheap: aliases share their node) before anything is expanded. What the
+    aliases add is counted apart from the document as written, so a long plain document is not an alias bomb."""
+    size = len(text.encode("utf-8", "replace")) if len(text) <= YAML_MAX_BYTES else len(text)
+    if size > YAML_MAX_BYTES:
+        raise _too_long(size)
+    loader = SAFE_LOADER(text)
     try:
         node = loader.get_single_node()
         if node is None:
             return None
-        _expanded_size(node, {}, set())
-        return loader.construct_document(node)
+        values, chars = _plain_size(node)
+        _expanded_size(node, {}, set(), (values + YAML_ALIAS_VALUES, chars + YAML_ALIAS_CHARS))
+        try:
+            return loader.construct_document(node)
+        except (yaml.YAMLError, RecursionError):
+            raise
+        except Exception as e:  # noqa: BLE001 - a tag whose value PyYAML cannot build (`!!timestamp` of nothing)
+            raise yaml.YAMLError(f"a tagged value cannot be read ({type(e).__name__})") from None
+    except RecursionError:
+        raise YamlTooLarge("its values nest too deeply", "write it with fewer nested levels") from None
     finally:
         loader.dispose()
 
@@ -533,10 +590,11 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist", "check the path")
     try:
+        if path.stat().st_size > YAML_MAX_BYTES:  # refused before it is read
+            raise _too_long(path.stat().st_size)
         data = bounded_safe_load(path.read_text())
     except YamlTooLarge as e:
-        raise ConfigError(f"config file {path} is refused: {e}",
-                          "write the values out, or use fewer anchors and aliases") from None
+        raise ConfigError(f"config file {path} is refused: {e}", e.fix) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

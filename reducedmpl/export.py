@@ -18,8 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
+import logging
 import os
+import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +35,13 @@ from torch import nn
 
 from . import __version__
 from .errors import ArtifactError, ConfigError, writing
-from .files import HDF5_SIGNATURE, file_head, publish, temp_path, write_json
+from .files import HDF5_SIGNATURE, check_writable, file_head, publish, refuse_overwrite, temp_path, write_json
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
 TOLERANCE = 1e-4
+ONNX_MIN_OPSET = 7  # the oldest opset torch.onnx writes
+MAX_EXAMPLE_BYTES = 1 << 30  # inputs of a fixed --batch, made to export and check the graph
 CHECK_ROWS = 64
 
 
@@ -77,7 +83,7 @@ class Normalized(nn.Module):
 # ---------------------------------------------------------------------------------------------- input
 def load_exportable(path: str | Path) -> dict:
     """A teacher/student artifact; a targets store, a reduced teacher or a damaged file is an ArtifactError."""
-    from .models import ARTIFACT_KEYS, safe_load
+    from .models import ARTIFACT_KEYS, check_finite, safe_load
 
     path = Path(path)
     if path.is_dir() or path.suffix in (".h5", ".hdf5") or file_head(path) == HDF5_SIGNATURE:
@@ -93,6 +99,7 @@ def load_exportable(path: str | Path) -> dict:
     missing = [k for k in ARTIFACT_KEYS if k not in art]
     if missing:
         raise ArtifactError(f"{kind} artifact {path} lacks {', '.join(missing)}", "write it again with this version")
+    check_finite(art["state_dict"], path, kind)
     return art
 
 
@@ -140,23 +147,18 @@ def export_artifact(path: str | Path, fmt: str, out: str | Path | None = None, *
     """Export the model of ``path`` (teacher.pt / student.pt) as ``fmt`` to ``out`` and write ``out.json``."""
     from .models import model_from_artifact
 
-    if fmt not in FORMATS:
-        raise ConfigError(f"unknown export format {fmt!r}", f"choose one of {', '.join(FORMATS)}")
-    if batch is not None and batch < 1:
-        raise ConfigError(f"--batch must be >= 1 (got {batch})", "leave it out for a dynamic batch")
-    if batch is not None and fmt != "onnx":
-        raise ConfigError(f"--batch applies to onnx only ({fmt} exports have no fixed shape)",
-                          "leave out --batch, or use --format onnx")
-    if normalize and fmt == "safetensors":
-        raise ConfigError("--normalize needs a graph; safetensors holds weights only",
-                          "apply the sidecar's mean/std yourself, or use --format onnx or torchscript")
+    check_options(fmt, batch, normalize, opset)
     path = Path(path)
     art = load_exportable(path)
+    check_batch_size(art, batch)
     out = Path(out) if out is not None else path.with_name(path.stem + SUFFIX[fmt])
     if out.is_dir():
         out = out / (path.stem + SUFFIX[fmt])
     if not out.parent.is_dir():
         raise ConfigError(f"the folder of --out {out} does not exist", "create it first or choose another --out")
+    sidecar = out.with_name(out.name + ".json")
+    refuse_overwrite({"the artifact": path}, [out, sidecar], "choose another --out: the artifact is the input")
+    check_writable(out)
     try:
         model = model_from_artifact(art).eval()
     except RuntimeError as e:
@@ -184,7 +186,6 @@ def export_artifact(path: str | Path, fmt: str, out: str | Path | None = None, *
                 exporter, opset_used = "safetensors", None
                 _export_safetensors(model, art, tmp)
                 result = _check_safetensors(art, tmp) if check else {"checked": False, "note": "--no-check"}
-            sidecar = out.with_name(out.name + ".json")
             meta = sidecar_dict(art, path, out, fmt, batch, normalize, exporter, opset_used, result)
             os.chmod(tmp, 0o666 & ~_umask())
             publish(tmp, out, sync=True)
@@ -196,13 +197,53 @@ def export_artifact(path: str | Path, fmt: str, out: str | Path | None = None, *
     return ExportResult(out, sidecar, fmt, batch, exporter, result)
 
 
+def check_options(fmt: str, batch: int | None, normalize: bool, opset: int | None) -> None:
+    """Refuse a format this tool has not, and an option the format would ignore."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}", f"choose one of {', '.join(FORMATS)}")
+    if batch is not None and batch < 1:
+        raise ConfigError(f"--batch must be >= 1 (got {batch})", "leave it out for a dynamic batch")
+    for flag, given in (("--batch", batch is not None), ("--opset", opset is not None)):
+        if given and fmt != "onnx":
+            raise ConfigError(f"{flag} applies to onnx only (a {fmt} export has none)",
+                              f"leave out {flag}, or use --format onnx")
+    if normalize and fmt == "safetensors":
+        raise ConfigError("--normalize needs a graph; safetensors holds weights only",
+                          "apply the sidecar's mean/std yourself, or use --format onnx or torchscript")
+    check_opset(opset)
+
+
+def check_batch_size(art: dict, batch: int | None) -> None:
+    """Refuse a fixed ``--batch`` whose example input would not fit in memory, before it is allocated."""
+    prep = art["preprocess"]
+    per_image = 4 * int(prep["in_chans"]) * int(prep["input_size"]) ** 2
+    if batch is not None and batch * per_image > MAX_EXAMPLE_BYTES:
+        most = max(1, MAX_EXAMPLE_BYTES // per_image)
+        raise ConfigError(f"--batch {batch} would make inputs of {batch * per_image / 2**30:.1f} GiB to export and "
+                          f"check (at most {MAX_EXAMPLE_BYTES >> 30} GiB)", f"choose --batch {most:,} or less")
+
+
 @contextlib.contextmanager
 def _quiet_exporters():
-    """torch's exporters warn about their own deprecations (TorchScript) and tracing details; none of it is the
-    user's to act on."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+    """torch's exporters warn about their own deprecations (TorchScript) and tracing details, and log (with
+    tracebacks) what they try and give up; none of it is the user's to act on: the outcome is checked and
+    reported instead. Python's warnings, logging and both output streams (the file descriptors too) are held."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with warnings.catch_warnings(), tempfile.TemporaryFile() as sink, \
+                contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            logging.disable(logging.CRITICAL)
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+        for fd, copy in ((1, saved[0]), (2, saved[1])):
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 def _onnxscript_available() -> bool:
@@ -213,34 +254,62 @@ def _onnxscript_available() -> bool:
     return True
 
 
+def check_opset(opset: int | None) -> None:
+    """Refuse an ``--opset`` no exporter writes, before anything is exported."""
+    if opset is None:
+        return
+    try:
+        import onnx
+
+        newest = int(onnx.defs.onnx_opset_version())
+    except Exception:  # noqa: BLE001 - without onnx the export itself names the package
+        newest = None
+    if opset < ONNX_MIN_OPSET or (newest is not None and opset > newest):
+        known = f"{ONNX_MIN_OPSET}..{newest}" if newest is not None else f"{ONNX_MIN_OPSET} or newer"
+        raise ConfigError(f"--opset {opset} is not an ONNX opset the exporters write ({known})",
+                          "choose an --opset in that range, or leave it out for the exporter's default")
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [e.__class__.__name__])[0][:100]
+
+
 def _export_onnx(model: nn.Module, x: torch.Tensor, tmp: Path, batch: int | None,
                  opset: int | None) -> tuple[str, int | None]:
-    """(exporter name, opset); the dynamo exporter first where onnxscript is installed."""
+    """(exporter name, opset read back from the file); the dynamo exporter first where onnxscript is installed.
+    A file at another opset than the requested one counts as a failure of that exporter."""
     example = _fit_batch(x[:2], batch if batch is not None else 2).contiguous()
     errors = []
     if _onnxscript_available():
         try:
-            with _quiet_exporters(), contextlib.redirect_stdout(open(os.devnull, "w")):
+            with _quiet_exporters():
                 shapes = None if batch is not None else ({0: torch.export.Dim("batch", min=1)},)
                 program = torch.onnx.export(model, (example,), dynamo=True, input_names=["input"],
                                             output_names=["logits"], dynamic_shapes=shapes, opset_version=opset,
                                             verbose=False, external_data=False)
                 program.save(str(tmp))
-            return "torch.onnx (dynamo)", opset or _opset_of(tmp)
+            written = _opset_of(tmp)
+            if opset is None or written == opset:
+                return "torch.onnx (dynamo)", written
+            errors.append(f"dynamo: wrote opset {written}, not {opset}")
         except Exception as e:  # noqa: BLE001 - fall back to the TorchScript-based exporter
-            errors.append(f"dynamo: {(str(e).strip().splitlines() or [e.__class__.__name__])[0][:100]}")
+            errors.append(f"dynamo: {_first_line(e)}")
     try:
         with _quiet_exporters():
             axes = None if batch is not None else {"input": {0: "batch"}, "logits": {0: "batch"}}
             torch.onnx.export(model, (example,), str(tmp), dynamo=False, input_names=["input"],
                               output_names=["logits"], dynamic_axes=axes, opset_version=opset or 17)
-        return "torch.onnx (TorchScript)", opset or 17
+        written = _opset_of(tmp) or opset or 17
+        if opset is None or written == opset:
+            return "torch.onnx (TorchScript)", written
+        errors.append(f"torchscript: wrote opset {written}, not {opset}")
     except ModuleNotFoundError as e:
         raise ArtifactError(f"ONNX export needs the {e.name!r} package", "pip install 'reducedmpl[export]'") from None
     except Exception as e:  # noqa: BLE001 - an operator the exporters cannot express
-        errors.append(f"torchscript: {(str(e).strip().splitlines() or [e.__class__.__name__])[0][:100]}")
-        raise ArtifactError(f"torch.onnx could not export this model ({'; '.join(errors)})",
-                            "try another --opset, or --format torchscript") from None
+        errors.append(f"torchscript: {_first_line(e)}")
+    raise ArtifactError(f"torch.onnx could not export this model{f' at --opset {opset}' if opset else ''} "
+                        f"({'; '.join(errors)}); nothing was written",
+                        "try another --opset, or --format torchscript")
 
 
 def _opset_of(path: Path) -> int | None:

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-from .errors import writing
+from .errors import NotWritableError, UserError, writing
 
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
@@ -29,6 +29,82 @@ def file_head(path: str | os.PathLike[str], size: int = len(HDF5_SIGNATURE)) -> 
             return f.read(size)
     except OSError:
         return b""
+
+
+def file_kind(path: str | os.PathLike[str]) -> str:
+    """What a file is by its first bytes, whatever its name says: ``hdf5`` (a targets store or shard), ``torch``
+    (``torch.save``'s zip), ``safetensors``, ``pickle`` (a raw pickle stream), else ``unknown``."""
+    head = file_head(path, 16)
+    if head.startswith(HDF5_SIGNATURE):
+        return "hdf5"
+    if head.startswith(ZIP_SIGNATURE):
+        return "torch"
+    if len(head) >= 9 and head[8:9] == b"{":
+        size = int.from_bytes(head[:8], "little")
+        try:
+            if 0 < size < os.path.getsize(path):
+                return "safetensors"
+        except OSError:
+            pass
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle"
+    return "unknown"
+
+
+def is_pickle_stream(path: str | os.PathLike[str], limit: int = 1 << 30) -> bool:
+    """Whether the file is one whole pickle stream (read opcode by opcode; nothing is built or run): a raw
+    ``pickle.dump``, as opposed to random or damaged bytes."""
+    import pickletools
+
+    head = file_head(path, 2)
+    if len(head) < 2 or head[0] != 0x80 or not 2 <= head[1] <= 5:
+        return False
+    try:
+        if os.path.getsize(path) > limit:
+            return True  # too big to scan; its header says pickle
+        with open(path, "rb") as f:
+            for op, _, _ in pickletools.genops(f):
+                last = op.name
+        return last == "STOP"
+    except Exception:  # noqa: BLE001 - any opcode error: not a pickle
+        return False
+
+
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether two paths name one file (through links and ``..`` too); False where either does not exist."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def refuse_overwrite(inputs: dict[str, str | os.PathLike[str] | None], outputs: list[str | os.PathLike[str]],
+                     fix: str = "choose another --out") -> None:
+    """Refuse a command whose ``outputs`` include one of its ``inputs`` (``{flag: path}``): it would replace
+    the file it reads."""
+    for flag, given in inputs.items():
+        if given is None:
+            continue
+        for out in outputs:
+            if same_file(given, out):
+                raise UserError(f"{flag} {given} would be overwritten by this command's output {out}", fix)
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Refuse at once, naming ``path``, when the folder it goes into cannot be written (permissions, a read-only
+    file system, an immutable folder): an empty file is created and removed under :func:`temp_path` (the name a
+    killed run's leftovers have, which the next run removes; a writer that may run beside another of the same
+    ``path`` calls this only once it holds its lock)."""
+    path = Path(path)
+    probe = temp_path(path)
+    try:
+        with open(probe, "wb"):
+            pass
+        probe.unlink()
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+        raise NotWritableError(path, e.strerror or str(e)) from None
 
 
 def temp_path(path: str | os.PathLike[str]) -> Path:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .errors import ArtifactError, ConfigError
+from .files import file_kind, is_pickle_stream
 
 
 def check_model_name(name: str) -> None:
@@ -128,32 +129,48 @@ def build_model(src: ModelSource, num_classes: int, in_chans: int, input_size: i
     return model
 
 
-def safe_load(path: str | Path, what: str = "checkpoint") -> Any:
-    """``torch.load(weights_only=True)`` with one-line errors for missing, truncated and hostile files."""
+def safe_load(path: str | Path, what: str = "checkpoint", fix: str = "write it again (or restore it)") -> Any:
+    """``torch.load(weights_only=True)`` with one-line errors for missing, truncated and hostile files (``fix``:
+    what to do about a damaged one)."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{what} {path} does not exist", "check the path")
+    kind = file_kind(path)  # by its bytes: a file is not taken at its name's word
+    if kind in ("hdf5", "safetensors"):
+        found, fix = (("a targets store (HDF5)", "a store goes to distill --targets; pass a checkpoint here")
+                      if kind == "hdf5" else ("a safetensors file of bare weights",
+                                              "bare weights go to --init checkpoint:PATH or precompute --checkpoint"))
+        raise ArtifactError(f"{what} {path} is {found}, not a PyTorch checkpoint", fix)
     try:
         with warnings.catch_warnings():  # torch warns about a raw pickle's protocol before it refuses it
             warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            with open(path, "rb") as f:  # a file object: torch.load would take a name ending .safetensors at its word
+                return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # objects the safe loader refuses, or bytes that are no pickle at all
+        if "Unsupported global" in str(e) or is_pickle_stream(path):
             raise ArtifactError(f"{what} {path} holds pickled Python objects, which are never loaded",
                                 "save a plain state dict (tensors, numbers, strings) instead") from None
-        raise ArtifactError(f"{what} {path} is not a readable PyTorch file ({first[:80]})",
-                            "it may be truncated: write it again") from None
+        raise ArtifactError(f"{what} {path} is corrupt: neither a PyTorch file nor a whole pickle", fix) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise ArtifactError(f"{what} {path} is corrupt or truncated ({first[:80]})",
-                            "write it again (or restore it)") from None
+        raise ArtifactError(f"{what} {path} is corrupt or truncated ({first[:80]})", fix) from None
+
+
+def check_finite(weights: Any, path: str | Path, what: str = "checkpoint") -> None:
+    """Refuse weights holding NaN or Inf values (a dict of tensors, or dicts of them): a model that could only
+    give NaN, whatever the settings of the stage that loads it."""
+    tensors = [v for v in weights.values() if isinstance(v, torch.Tensor)] if isinstance(weights, dict) else []
+    bad = sum(int((~torch.isfinite(t)).sum()) for t in tensors if t.is_floating_point() or t.is_complex())
+    if bad:
+        raise ArtifactError(f"{what} {path} holds {bad:,} NaN/Inf weight values",
+                            "retrain it, or restore a good copy")
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights from a ``.pt``/``.pth`` (bare or wrapped state dict) or ``.safetensors`` file."""
     path = Path(path)
-    if path.suffix == ".safetensors":
+    kind = file_kind(path)
+    if kind == "safetensors" or (kind == "unknown" and path.suffix == ".safetensors"):
         if not path.is_file():
             raise ArtifactError(f"checkpoint {path} does not exist", "check the path")
         try:
@@ -173,6 +190,7 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
                     break
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ArtifactError(f"checkpoint {path} holds no state dict of tensors", "pass a timm/PyTorch weights file")
+    check_finite(sd, path)
     return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
 
 
@@ -248,6 +266,7 @@ def load_artifact(path: str | Path, kind: str) -> dict:
     missing = [k for k in ARTIFACT_KEYS if k not in obj]
     if missing:
         raise ArtifactError(f"{kind} artifact {path} lacks {', '.join(missing)}", "write it again with this version")
+    check_finite(obj["state_dict"], path, kind)
     return obj
 
 

@@ -378,10 +378,12 @@ def _run_train_large(stage: Stage, console: Console, quiet: bool) -> dict:
 
 
 def _run_precompute(stage: Stage, console: Console, quiet: bool) -> dict:
+    from .engine.interrupt import graceful_stop
     from .stages import precompute
 
     teacher = precompute.open_teacher(stage.upstream.artifact)
-    return precompute.run(stage.config, teacher, stage.artifact, console=console, quiet=quiet)
+    with graceful_stop(notice=precompute.STOP_NOTICE):  # Ctrl-C between batches
+        return precompute.run(stage.config, teacher, stage.artifact, console=console, quiet=quiet)
 
 
 def _run_distill(stage: Stage, console: Console, quiet: bool) -> dict:

@@ -17,6 +17,7 @@ import os
 import pickle
 import shutil
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,7 +30,7 @@ import torch
 
 from conftest import REPO, assert_one_line_error, cli
 from hf_wds_data import encoded, pixels, wds_spec, write_hf_parquet, write_wds
-from reducedmpl.errors import UserError
+from reducedmpl.errors import MESSAGE_MAX_BYTES, UserError
 from reducedmpl.targets import TargetStore
 
 FAST = ["--model", "test_resnet", "--epochs", "1", "--quiet"]
@@ -65,6 +66,7 @@ class Case:
     stores: list[Path] = field(default_factory=list)  # must not exist, or must not open as a targets store
     unchanged: list[Path] = field(default_factory=list)  # good artifacts that must be byte-identical afterwards
     markers: list[Path] = field(default_factory=list)  # files that hostile code would have created
+    max_seconds: float | None = None  # refused within this time (input that could make work grow with its size)
 
 
 class Fx:
@@ -417,7 +419,7 @@ def tl_yaml_alias_bomb(tmp: Path, fx: Fx) -> Case:
 def tl_set_alias_bomb(tmp: Path, fx: Fx) -> Case:
     out, bad = tl_out(tmp)
     return Case(["train-large", "--data", "digits", "--set", f"data.source={alias_bomb(flow=True)}", "--out", out,
-                 *FAST], ("--set data.source=... is refused", "without anchors and aliases"), [out, *bad])
+                 *FAST], ("--set data.source=... is refused", "fewer anchors and aliases"), [out, *bad])
 
 
 def image_folder(root: Path, per_class: int = 3) -> Path:
@@ -767,7 +769,7 @@ def di_teacher_as_targets(tmp: Path, fx: Fx) -> Case:
     out, bad = di_out(tmp)
     return Case(_distill(fx.teacher, out), ("is a teacher artifact (teacher.pt), not a targets store",
                                             f"pass the targets.h5 that `reducedmpl precompute --teacher {fx.teacher}`",
-                                            str(fx.teacher.parent / "targets.h5")), bad, unchanged=[fx.teacher])
+                                            "writes beside it"), bad, unchanged=[fx.teacher])
 
 
 def di_missing_store(tmp: Path, fx: Fx) -> Case:
@@ -1065,6 +1067,249 @@ def report_corrupt_result(tmp: Path, fx: Fx) -> Case:
     return Case(["report", run], ("cannot read", "result.json", "run the pipeline again"), [run / "report"])
 
 
+# ---------------------------------------------------------------------------------------------- third round
+# 1. the message names the real cause
+def nan_teacher(fx: Fx, tmp: Path) -> Path:
+    """The tiny teacher with every float weight NaN (a valid artifact otherwise)."""
+    art = teacher_artifact(fx)
+    art["state_dict"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                         for k, v in art["state_dict"].items()}
+    torch.save(art, tmp / "nan.pt")
+    return tmp / "nan.pt"
+
+
+NAN = ("NaN/Inf weight values", "retrain it")
+
+
+def di_online_kd_nan_teacher(tmp: Path, fx: Fx) -> Case:
+    out, bad = di_out(tmp)
+    args = _distill(fx.targets, out)
+    args[args.index("kd")] = "online-kd"
+    return Case([*args, "--teacher", nan_teacher(fx, tmp)], NAN, bad)
+
+
+def ex_nan_onnx(tmp: Path, fx: Fx) -> Case:
+    return Case(["export", nan_teacher(fx, tmp), "--format", "onnx", "--out", tmp / "m.onnx"], NAN,
+                [tmp / "m.onnx", tmp / "m.onnx.json"])
+
+
+def ex_nan_safetensors(tmp: Path, fx: Fx) -> Case:
+    return Case(["export", nan_teacher(fx, tmp), "--format", "safetensors", "--out", tmp / "m.safetensors"], NAN,
+                [tmp / "m.safetensors", tmp / "m.safetensors.json"])
+
+
+def pc_nan_teacher(tmp: Path, fx: Fx) -> Case:
+    out, stores = pc_out(tmp)
+    return Case(["precompute", "--teacher", nan_teacher(fx, tmp), "--out", out, "--quiet"], NAN, stores=stores)
+
+
+def unwritable_folder(tmp: Path, fx: Fx) -> Path:
+    """A folder nothing can be written into: immutable (``chattr +i``, which binds root too) or, for a user
+    without that right, read-only by its mode; the case is skipped where neither holds."""
+    import subprocess
+
+    folder = tmp / "locked"
+    folder.mkdir()
+    undo = []
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0:
+        undo = ["chattr", "-i", str(folder)]
+    else:
+        folder.chmod(0o555)
+    fx.request.addfinalizer(lambda: subprocess.run(undo, capture_output=True) if undo else folder.chmod(0o755))
+    try:
+        (folder / "probe").write_text("")
+    except OSError:
+        return folder
+    pytest.skip("no folder can be made unwritable here")
+
+
+def _unwritable_export(fmt: str, suffix: str) -> Callable[[Path, Fx], Case]:
+    def build(tmp: Path, fx: Fx) -> Case:
+        out = unwritable_folder(tmp, fx) / f"m{suffix}"
+        return Case(["export", fx.teacher, "--format", fmt, "--out", out], (f"cannot write {out}", "writable"),
+                    [out, out.with_name(out.name + ".json")], unchanged=[fx.teacher])
+    build.__name__ = f"ex_unwritable_{fmt}"
+    return build
+
+
+ex_unwritable_torchscript = _unwritable_export("torchscript", ".pt")
+ex_unwritable_safetensors = _unwritable_export("safetensors", ".safetensors")
+ex_unwritable_onnx = _unwritable_export("onnx", ".onnx")
+
+
+def pc_unwritable(tmp: Path, fx: Fx) -> Case:
+    out = unwritable_folder(tmp, fx) / "targets.h5"
+    return Case(["precompute", "--teacher", fx.teacher, "--out", out, "--quiet"], (f"cannot write {out}", "writable"),
+                [out])
+
+
+def tl_unwritable(tmp: Path, fx: Fx) -> Case:
+    out = unwritable_folder(tmp, fx)
+    return Case(["train-large", "--data", "digits", *FAST, "--overwrite", "--out", out],
+                (f"{out}", "writable"), [out / "teacher.pt"])
+
+
+def tl_resume_random_bytes(tmp: Path, fx: Fx) -> Case:
+    """A last.pt of random bytes is damaged, not "pickled objects"; the fix is one the user can apply."""
+    run = tmp / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("epochs: 1\n")
+    (run / "last.pt").write_bytes(np.random.default_rng(0).bytes(5000))
+    return Case(["train-large", "--data", "digits", *FAST, "--resume", "--out", run],
+                ("resume checkpoint", "is corrupt", "pass --overwrite"), [run / "teacher.pt"],
+                unchanged=[run / "last.pt"])
+
+
+def in_random_bytes(tmp: Path, fx: Fx) -> Case:
+    (tmp / "last.pt").write_bytes(b"\x80\x02" + np.random.default_rng(1).bytes(5000))  # a pickle header, then noise
+    return Case(["inspect", tmp / "last.pt"], ("is corrupt", "restore it"))
+
+
+# 2. messages stay short, whatever the input
+def tl_set_huge_value(tmp: Path, fx: Fx) -> Case:
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", "digits", "--set", "model=" + "q" * 120_000, "--out", out],
+                ("unknown timm model 'qqq", "timm.list_models"), bad)
+
+
+def tl_config_huge_value(tmp: Path, fx: Fx) -> Case:
+    cfg = write_yaml(tmp / "c.yaml", "train_large:\n  model: " + "y" * 5_000_000 + "\n")
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--config", cfg, "--data", "digits", "--out", out],
+                ("over the 1 MiB a settings text may hold", "keep settings short"), bad)
+
+
+def run_aliases_of_a_long_string(tmp: Path, fx: Fx) -> Case:
+    """116 KB: one 100 KB string and 4,000 aliases of it (few values, but 400 MB of text once expanded)."""
+    p = write_yaml(tmp / "p.yaml", "name: x\ntrain_large:\n  model: [&a " + "z" * 100_000 + ", "
+                   + ", ".join(["*a"] * 4000) + "]\n")
+    return Case(run_args(p, tmp), ("aliases expand to more than 1,000,000 characters", "fewer anchors and aliases"),
+                [tmp / "runs"], max_seconds=10)
+
+
+# 3. limits count what they claim to count; ranges are checked before allocation
+def tl_yaml_plain_20000_keys(tmp: Path, fx: Fx) -> Case:
+    cfg = write_yaml(tmp / "c.yaml", "train_large:\n" + "".join(f"  k{i}: 1\n" for i in range(20_000)))
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--config", cfg, "--data", "digits", "--out", out],
+                ("unknown config key 'train_large.k0'", "valid keys"), bad)
+
+
+def _npz_with_label(tmp: Path, label: int) -> Path:
+    y = np.arange(20) % 4
+    y[3] = label
+    np.savez(tmp / "d.npz", x=np.zeros((20, 8, 8), np.uint8), y=y)
+    return tmp / "d.npz"
+
+
+def tl_npz_huge_label(tmp: Path, fx: Fx) -> Case:
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", f"npz:{_npz_with_label(tmp, 10**9)}", *FAST, "--out", out],
+                ("has label 1000000000", "number the classes 0..K-1"), bad, max_seconds=20)
+
+
+def tl_npz_negative_label(tmp: Path, fx: Fx) -> Case:
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", f"npz:{_npz_with_label(tmp, -3)}", *FAST, "--out", out],
+                ("has label -3", "fix the labels"), bad)
+
+
+def pc_more_shards_than_rows(tmp: Path, fx: Fx) -> Case:
+    out, stores = pc_out(tmp)
+    return Case(["precompute", "--teacher", fx.teacher, "--shards", "5000", "--out", out, "--quiet"],
+                ("more than the", "rows to store", "choose at most"), [out.parent], stores=stores)
+
+
+def ex_batch_too_large(tmp: Path, fx: Fx) -> Case:
+    return Case(["export", fx.teacher, "--format", "onnx", "--batch", str(10**9), "--out", tmp / "m.onnx"],
+                ("--batch 1000000000 would make inputs of", "choose --batch"), [tmp / "m.onnx"], max_seconds=20)
+
+
+# 4. no setting is silently ignored
+def di_augmentation_over_stored_views(tmp: Path, fx: Fx) -> Case:
+    master = tmp / "views" / "targets.h5"
+    cli("precompute", "--teacher", fx.teacher, "--views", "2", "--out", master, "--quiet")
+    out, bad = di_out(tmp)
+    return Case(_distill(master, out, "--set", "data.randaugment=rand-m9-n2"),
+                ("data.randaugment='rand-m9-n2' would be ignored", "distill.replay_views=false"), bad)
+
+
+def di_online_kd_other_teacher(tmp: Path, fx: Fx) -> Case:
+    art = teacher_artifact(fx)
+    art["metrics"] = {**art["metrics"], "note": "another file"}  # a sound teacher, but not the store's
+    torch.save(art, tmp / "other.pt")
+    out, bad = di_out(tmp)
+    args = _distill(fx.targets, out)
+    args[args.index("kd")] = "online-kd"
+    return Case([*args, "--teacher", tmp / "other.pt"],
+                ("is not the teacher that made the store", "pass the teacher the store was computed with"), bad)
+
+
+def ex_opset_on_torchscript(tmp: Path, fx: Fx) -> Case:
+    return Case(["export", fx.teacher, "--format", "torchscript", "--opset", "17", "--out", tmp / "m.pt"],
+                ("--opset applies to onnx only", "leave out --opset"), [tmp / "m.pt"])
+
+
+# 5. no command overwrites its own input
+def ex_out_is_the_artifact(tmp: Path, fx: Fx) -> Case:
+    shutil.copy2(fx.teacher, tmp / "student.pt")
+    return Case(["export", tmp / "student.pt", "--format", "torchscript", "--out", tmp / "student.pt"],
+                ("would be overwritten", "choose another --out"), unchanged=[tmp / "student.pt"])
+
+
+def pc_out_is_the_teacher(tmp: Path, fx: Fx) -> Case:
+    """Refused in one line, and the store lock's cleanup prints nothing after it."""
+    shutil.copy2(fx.teacher, tmp / "teacher.pt")
+    return Case(["precompute", "--teacher", tmp / "teacher.pt", "--out", tmp / "teacher.pt", "--quiet"],
+                ("would be overwritten", "choose another --out"), unchanged=[tmp / "teacher.pt"])
+
+
+def tl_init_is_the_output(tmp: Path, fx: Fx) -> Case:
+    out = tmp / "out"
+    out.mkdir()
+    shutil.copy2(fx.teacher, out / "teacher.pt")
+    return Case(["train-large", "--data", "digits", *FAST, "--init", f"checkpoint:{out / 'teacher.pt'}",
+                 "--overwrite", "--out", out], ("would be overwritten", "choose another --out"),
+                unchanged=[out / "teacher.pt"])
+
+
+# 6. the outcome is reported truthfully
+def ex_opset_no_exporter_writes(tmp: Path, fx: Fx) -> Case:
+    return Case(["export", fx.teacher, "--format", "onnx", "--opset", "1", "--out", tmp / "m.onnx"],
+                ("--opset 1 is not an ONNX opset the exporters write", "choose an --opset in that range"),
+                [tmp / "m.onnx", tmp / "m.onnx.json"])
+
+
+def pc_teacher_is_a_store(tmp: Path, fx: Fx) -> Case:
+    """A targets store named teacher.pt is what its bytes say, and the fix names where a store goes."""
+    shutil.copy2(fx.targets, tmp / "teacher.pt")
+    out, stores = pc_out(tmp)
+    return Case(["precompute", "--teacher", tmp / "teacher.pt", "--out", out, "--quiet"],
+                ("is a targets store (HDF5), not a PyTorch checkpoint", "distill --targets"), stores=stores)
+
+
+def tl_resume_checkpoint_of_another_run(tmp: Path, fx: Fx) -> Case:
+    """The folder's history (config.yaml) is of one model; its last.pt of another."""
+    run = tmp / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: resnet18\nepochs: 1\n")
+    torch.save({"config": {"model": "test_resnet", "epochs": 1}, "model": {}, "epoch": 0}, run / "last.pt")
+    return Case(["train-large", "--data", "digits", *FAST, "--resume", "--out", run],
+                ("belongs to another run than its config.yaml", "--overwrite"), [run / "teacher.pt"],
+                unchanged=[run / "last.pt"])
+
+
+THIRD_ROUND: list[Callable[[Path, Fx], Case]] = [
+    di_online_kd_nan_teacher, ex_nan_onnx, ex_nan_safetensors, pc_nan_teacher, ex_unwritable_torchscript,
+    ex_unwritable_safetensors, ex_unwritable_onnx, pc_unwritable, tl_unwritable, tl_resume_random_bytes,
+    in_random_bytes, tl_set_huge_value, tl_config_huge_value, run_aliases_of_a_long_string, tl_yaml_plain_20000_keys,
+    tl_npz_huge_label, tl_npz_negative_label, pc_more_shards_than_rows, ex_batch_too_large,
+    di_augmentation_over_stored_views, di_online_kd_other_teacher, ex_opset_on_torchscript, ex_out_is_the_artifact,
+    pc_out_is_the_teacher, tl_init_is_the_output, ex_opset_no_exporter_writes, pc_teacher_is_a_store,
+    tl_resume_checkpoint_of_another_run,
+]
+
+
 # ---------------------------------------------------------------------------------------------- the matrix
 def outside_store(fx: Fx, tmp: Path) -> Path:
     """A master in ``tmp/store`` whose virtual datasets read a (real, complete) shard in ``tmp/elsewhere``."""
@@ -1118,7 +1363,7 @@ BUILDERS: list[Callable[[Path, Fx], Case]] = [
     run_missing_pipeline, run_not_mapping, run_invalid_yaml, run_malformed_set, run_python_object, run_python_name,
     run_missing_data, run_stage_data_not_mapping, run_compare_runs_not_a_list, run_yaml_alias_bomb,
     report_not_a_run, report_missing_folder, report_corrupt_index, report_index_not_a_run_index,
-    report_corrupt_result,
+    report_corrupt_result, *THIRD_ROUND,
 ]
 
 
@@ -1140,9 +1385,13 @@ def test_bad_input_is_one_line_error(build, tmp_path, request):
     case = build(tmp_path, Fx(request))
     assert len(case.fragments) >= 2, "check a fragment of the problem and one of the fix"
     before = {p: sha(p) for p in case.unchanged}
+    t0 = time.perf_counter()
     result = cli(*case.argv, check=False)
-    assert "Traceback" not in result.stdout + result.stderr
+    seconds = time.perf_counter() - t0
+    assert "Traceback" not in result.stdout + result.stderr and "Exception ignored" not in result.stderr
     assert_one_line_error(result, *case.fragments)
+    assert len(result.stderr.strip().encode()) <= MESSAGE_MAX_BYTES, result.stderr
+    assert case.max_seconds is None or seconds < case.max_seconds, seconds
     assert_no_acceptable_artifact(case, before)
 
 

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = ["KINDS", "SPEC_FORMS", "Source", "finish", "load_source", "read_pil_image", "spec_help",
            "spec_problem"]
 
+MAX_CLASSES = 100_000  # classes a source may have (so a stray label cannot make a billion class names)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"})
 
 
@@ -372,8 +373,13 @@ def _load_npz(spec: str, path: str) -> Source:
                 "save class_names as np.array(['cat', 'dog', ...])",
             )
         class_names = [n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n) for n in names_arr.tolist()]
-    else:
-        class_names = [str(k) for k in range(int(labels.max()) + 1)] if labels.size and labels.max() >= 0 else []
+    else:  # one name per class up to the largest label: its range is checked before the names are made
+        top = int(labels.max()) if labels.size else -1
+        if top >= MAX_CLASSES:
+            raise DataError(f"data source {spec!r} has label {top}; without class_names the labels are the classes "
+                            f"0..K-1, and K may be at most {MAX_CLASSES:,}",
+                            "number the classes 0..K-1, or save class_names with the labels")
+        class_names = [str(k) for k in range(top + 1)] if top >= 0 else []
     return finish(
         Source(
             spec=spec,

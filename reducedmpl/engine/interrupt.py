@@ -10,6 +10,8 @@ from typing import Callable, Iterator, NoReturn
 from ..errors import Interrupted
 
 REPEAT_WINDOW_S = 5.0
+CHECKPOINT_NOTICE = "stopping after this step to write a checkpoint (Ctrl-C again to stop at once)"
+_ACTIVE: list["StopRequest"] = []  # the requests of the graceful_stop blocks now open (innermost last)
 
 class StopRequest:
     """Whether Ctrl-C asked the run to stop; the training loops look at :attr:`requested` between steps.
@@ -35,8 +37,18 @@ class StopRequest:
         raise Interrupted(f"interrupted at {where}; the checkpoint {checkpoint} is kept — continue with --resume")
 
 
+def stop_point() -> None:
+    """Raise KeyboardInterrupt here, at a point where the caller's cleanup is sound, when a Ctrl-C was asked for
+    inside the innermost :func:`graceful_stop` block (precompute's batches: a finished shard is kept, the one in
+    work is removed). A Ctrl-C is then never raised at a random bytecode, e.g. inside a weakref callback or a
+    ``__del__``, where Python could only print it as "Exception ignored" and go on."""
+    if _ACTIVE and _ACTIVE[-1].local:
+        raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
-def graceful_stop(agree: Callable[[bool], bool] | None = None) -> Iterator[StopRequest]:
+def graceful_stop(agree: Callable[[bool], bool] | None = None, notice: str = CHECKPOINT_NOTICE
+                  ) -> Iterator[StopRequest]:
     """Within the block, the first Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption, or torchrun passing
     a stop on) sets ``requested`` instead of ending the process; a second one acts at once (Python's default).
     Under torchrun a Ctrl-C reaches a worker twice, from the terminal and from torchrun, so there repeats
@@ -71,13 +83,14 @@ def graceful_stop(agree: Callable[[bool], bool] | None = None) -> Iterator[StopR
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         if os.environ.get("RANK", "0") == "0":  # once, not once per rank
-            print("stopping after this step to write a checkpoint (Ctrl-C again to stop at once)", file=sys.stderr,
-                  flush=True)
+            print(notice, file=sys.stderr, flush=True)
 
     for sig in signals:
         signal.signal(sig, on_signal)
+    _ACTIVE.append(request)
     try:
         yield request
     finally:
+        _ACTIVE.remove(request)
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from ..errors import UserError, writing
-from ..files import write_text
+from ..files import check_writable, refuse_overwrite, write_text
 
 
 # The files a run folder holds beside its artifact (cost.json: the artifact's measured cost, cached by the report).
@@ -19,11 +19,15 @@ RUN_FILES = ("last.pt", "best.pt", "config.yaml", "metrics.jsonl", "reduced_teac
              "cost.json")
 
 
-def prepare_out_dir(out: str | Path, artifact: str, resume: bool, overwrite: bool) -> Path:
-    """Make ``out`` ready for a run, refusing to mix two runs in one folder."""
+def prepare_out_dir(out: str | Path, artifact: str, resume: bool, overwrite: bool,
+                    inputs: dict[str, Any] | None = None) -> Path:
+    """Make ``out`` ready for a run, refusing to mix two runs in one folder, and a folder whose run files
+    include one of the run's ``inputs`` (``{what: path}``: the run would replace what it reads)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"output path {out} exists and is not a folder", "choose another --out")
+    refuse_overwrite(inputs or {}, [out / n for n in (artifact, *RUN_FILES)],
+                     "choose another --out: the run would replace its own input")
     if resume and overwrite:
         raise UserError("--resume and --overwrite contradict each other", "pass only one of them")
     holds_run = out.is_dir() and any((out / n).exists() for n in (artifact, "last.pt", "config.yaml"))
@@ -41,12 +45,10 @@ def prepare_out_dir(out: str | Path, artifact: str, resume: bool, overwrite: boo
             (out / f".{name}.tmp").unlink(missing_ok=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
     except OSError as e:
         raise UserError(f"cannot write to output folder {out} ({e.strerror or e})",
                         "choose a writable --out or fix its permissions") from None
+    check_writable(out / artifact)
     return out
 
 
@@ -65,14 +67,44 @@ def resume_state(out: Path, artifact: str, resume: bool, config: dict, ignore: t
         raise UserError(f"{out} holds a finished run", "pass --overwrite to run it again")
     if not last.exists():
         return None  # interrupted before its first checkpoint
-    state = safe_load(last, what="resume checkpoint")
-    saved = state.get("config")
+    state = safe_load(last, what="resume checkpoint", fix="pass --overwrite to start the run again")
+    saved = state.get("config") if isinstance(state, dict) else None
+    check_history(out, saved, ignore)
+    check_weights(state, last)
     if not isinstance(saved, dict) or _without(saved, ignore) != _without(config, ignore):
         differ = _differing_keys(saved if isinstance(saved, dict) else {}, config, ignore)
         raise UserError(f"the run in {out} was started with other settings ({', '.join(differ[:5])}"
                         f"{', ...' if len(differ) > 5 else ''} differ)",
                         "resume with the same settings, or pass --overwrite to start again")
     return state
+
+
+def check_history(out: Path, saved: Any, ignore: tuple[str, ...]) -> None:
+    """Refuse a ``last.pt`` that is not the checkpoint of the run recorded in the folder's ``config.yaml`` (a
+    checkpoint copied in from another run, or a folder mixed by hand)."""
+    from ..config import bounded_safe_load
+
+    try:
+        recorded = bounded_safe_load((out / "config.yaml").read_text())
+    except Exception:  # noqa: BLE001 - unreadable: the folder's history is unknown
+        recorded = None
+    if not isinstance(saved, dict) or not isinstance(recorded, dict):
+        raise UserError(f"the run in {out} cannot be resumed: its config.yaml or last.pt records no settings",
+                        "pass --overwrite to start again")
+    saved = yaml.safe_load(yaml.safe_dump(saved, sort_keys=False))  # as config.yaml writes it
+    if _without(saved, ignore) != _without(recorded, ignore):
+        differ = _differing_keys(saved, recorded, ignore)
+        raise UserError(f"last.pt in {out} belongs to another run than its config.yaml ({', '.join(differ[:3])} "
+                        "differ)", "pass --overwrite to start again, or put back that run's own last.pt")
+
+
+def check_weights(state: dict, path: Path) -> None:
+    """Refuse a checkpoint whose model weights hold NaN or Inf (a resumed run would only give NaN)."""
+    from ..models import check_finite
+
+    for key in ("model", "student", "teacher", "ema"):
+        if isinstance(state.get(key), dict):
+            check_finite(state[key], path, "resume checkpoint")
 
 
 def _differing_keys(a: dict, b: dict, ignore: tuple[str, ...] = (), prefix: str = "") -> list[str]:
@@ -94,7 +126,8 @@ def _without(config: dict, keys: tuple[str, ...]) -> dict:
 
 
 def prepare_run(out: str | Path, artifact: str, resume: bool, overwrite: bool, config: dict,
-                dist: Any, ignore: tuple[str, ...] = ()) -> tuple[Path, dict | None]:
+                dist: Any, ignore: tuple[str, ...] = (), inputs: dict[str, Any] | None = None
+                ) -> tuple[Path, dict | None]:
     """:func:`prepare_out_dir` and :func:`resume_state` on rank 0 (every rank gets their verdict); the other
     ranks then read the same ``last.pt`` themselves."""
     from ..models import safe_load
@@ -103,7 +136,7 @@ def prepare_run(out: str | Path, artifact: str, resume: bool, overwrite: bool, c
 
     def check() -> tuple[Path, bool]:
         nonlocal state
-        folder = prepare_out_dir(out, artifact, resume, overwrite)
+        folder = prepare_out_dir(out, artifact, resume, overwrite, inputs)
         state = resume_state(folder, artifact, resume, config, ignore)
         return folder, state is not None
 

@@ -38,8 +38,8 @@ class StageRun:
     """One stage's run folder, seen the same way by every rank."""
 
     def __init__(self, out: str | Path, artifact: str, config: dict, dist: distributed.Dist, console: Console, *,
-                 resume: bool, overwrite: bool, ignore: tuple[str, ...] = ()):
-        self.out, self.state = prepare_run(out, artifact, resume, overwrite, config, dist, ignore)
+                 resume: bool, overwrite: bool, ignore: tuple[str, ...] = (), inputs: dict[str, Any] | None = None):
+        self.out, self.state = prepare_run(out, artifact, resume, overwrite, config, dist, ignore, inputs)
         self.artifact, self.config, self.dist, self.console = artifact, config, dist, console
         self.last_path = self.out / "last.pt"
         self.best_path = self.out / "best.pt"

@@ -41,7 +41,7 @@ from ..methods import (LABELED, LABELED_TARGETS, UNLABELED, UNLABELED_TARGETS, B
 from ..data.loading import model_preprocess
 from ..models import (ModelSource, build_artifact, build_model, check_model_fits, load_artifact, model_from_artifact,
                       model_source, weights_of)
-from ..targets import TargetStore, check_class_names
+from ..targets import TargetStore, check_class_names, file_sha256
 
 ARTIFACT = "student.pt"
 PROBE_POINTS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -297,6 +297,29 @@ def check_store(store: TargetStore, data: DataSetup, needed: dict[str, np.ndarra
                                 f"rerun precompute with the {name} split included")
 
 
+REPLAYED_DATA = ("crop_padding", "hflip", "randaugment")  # the student's augmentation, which stored views replace
+
+
+def check_store_settings(cfg: DistillConfig, store: TargetStore) -> None:
+    """Refuse settings the store would silently override: an augmentation setting (given in ``cfg.data``) other
+    than the one the replayed views were made with, and an online-kd teacher other than the store's."""
+    if cfg.mode == "online-kd" and cfg.large_teacher is not None:
+        load_artifact(cfg.large_teacher, "teacher")  # a missing, damaged or NaN teacher is named as such first
+        mine, theirs = file_sha256(cfg.large_teacher), store.meta.teacher_sha256
+        if mine != theirs:
+            raise ArtifactError(f"--teacher {cfg.large_teacher} is not the teacher that made the store {store.path} "
+                                f"(sha256 {mine[:12]}, the store's {theirs[:12]})",
+                                "pass the teacher the store was computed with, or precompute a store with this teacher")
+    if not (store.views > 1 and cfg.replay_views and cfg.mode in ("kd", "reducedmpl")):
+        return
+    policy = store.meta.view_policy
+    for key in REPLAYED_DATA:
+        if key in (cfg.data or {}) and cfg.data[key] != policy.get(key):
+            raise ConfigError(f"data.{key}={cfg.data[key]!r} would be ignored: the student trains on the store's "
+                              f"{store.views} stored views, made with {key}={policy.get(key)!r}",
+                              f"leave out data.{key}, or set distill.replay_views=false to augment on the fly")
+
+
 def run(cfg: DistillConfig, targets: str | Path, out: str | Path, *, resume: bool = False, overwrite: bool = False,
         console: Console | None = None, quiet: bool = False) -> dict:
     """Run one distillation and write ``OUT/student.pt`` (and ``OUT/reduced_teacher.pt``); returns the result."""
@@ -309,6 +332,7 @@ def run(cfg: DistillConfig, targets: str | Path, out: str | Path, *, resume: boo
     device, dist, console, quiet = stage.setup(cfg.device, console, quiet, sizes)
     store = open_store(targets, cfg.memory_budget_mb)
     try:
+        check_store_settings(cfg, store)
         data_cfg = resolve_data(cfg, store)
         cfg = dataclasses.replace(cfg, data=to_dict(data_cfg))
         data = student_data(cfg, data_cfg, student)
@@ -344,7 +368,7 @@ def train(cfg: DistillConfig, data: DataSetup, store: TargetStore, device: torch
                    "weights": student.record()}
     # the store is the same one when its run key is: a run and its store may move before --resume
     job = stage.StageRun(out, ARTIFACT, config_dict, dist, console, resume=resume, overwrite=overwrite,
-                         ignore=("targets",))
+                         ignore=("targets",), inputs={"--teacher": cfg.large_teacher, "--targets": store.path})
     d = Distiller(cfg, data, store, device, dist, student, note=console.print if job.state is None else None)
     probes = Probes(data, store, cfg)
     ev = Evaluation(d, data, store)

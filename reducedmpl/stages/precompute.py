@@ -33,9 +33,11 @@ from ..data.splits import Splits, make_splits
 from ..data.views import ViewMaker, ViewPolicy, make_policy
 from ..engine.device import prepare_model, resolve_device
 from ..engine.evaluation import predict_logits
+from ..engine.interrupt import stop_point
 from ..engine.progress import HeldConsole, progress, rank_output
 from ..errors import ArtifactError, ConfigError, DataError
-from ..models import (ARTIFACT_KEYS, check_model_name, create_model, load_artifact, load_state_dict_file,
+from ..files import refuse_overwrite
+from ..models import (ARTIFACT_KEYS, check_finite, check_model_name, create_model, load_artifact, load_state_dict_file,
                       check_artifact_data, load_weights, model_from_artifact)
 from ..targets import (MASTER_NAME, SPLIT_NAMES, ShardWriter, StoreLock, StoreMeta, derive_run_key, file_sha256, plan_shards,
                        prepare_store, shard_is_complete, shard_paths, stored_predictions, target_bytes_per_row,
@@ -70,6 +72,7 @@ def open_teacher(teacher: str | Path | None = None, model: str | None = None,
                           "--teacher takes a teacher.pt written by train-large; --model/--checkpoint plain weights")
     if teacher is not None:
         art = _mapped_artifact(Path(teacher)) or load_artifact(teacher, "teacher")
+        check_finite(art["state_dict"], teacher, "teacher")
         return Teacher(Path(teacher), art["arch"], art)
     if model is None or checkpoint is None:
         missing = "--checkpoint" if model is not None else "--model" if checkpoint is not None else "--teacher"
@@ -181,9 +184,14 @@ def resolve_out(out: str | Path | None, teacher: Teacher) -> Path:
             raise ConfigError("--out is required with --model/--checkpoint", "pass --out PATH/targets.h5")
         return teacher.path.parent / MASTER_NAME
     out = Path(out)
+    refuse_overwrite({"the teacher": teacher.path}, [out], "choose another --out: the teacher is this command's input")
     if out.is_dir() or out.suffix not in (".h5", ".hdf5"):
         out = out / MASTER_NAME
     return out
+
+
+# Ctrl-C inside graceful_stop(notice=STOP_NOTICE) stops at the next stop_point(): between two batches
+STOP_NOTICE = "stopping after this batch; finished shards are kept (Ctrl-C again to stop at once)"
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -302,6 +310,7 @@ def compute_shard(model: nn.Module, batcher: Batcher | None, rows: Rows, start: 
             out.add(rows.ids[sl], rows.labels[sl], rows.splits[sl], logits, *views)
             pos += n
             advance(n)
+            stop_point()  # a Ctrl-C stops here, between batches
 
 
 # ---------------------------------------------------------------------------------------------- the stage
@@ -396,7 +405,11 @@ def run(cfg: PrecomputeConfig, teacher: Teacher, out: str | Path | None = None, 
     console = HeldConsole(console)  # notes wait until the checks pass: a refusal prints one line
     model, data, prep, rows, meta = _prepare(cfg, teacher, console)
 
+    if cfg.shards > len(rows):
+        raise ConfigError(f"precompute.shards is {cfg.shards}, more than the {len(rows)} rows to store",
+                          f"choose at most {len(rows)} shards")
     paths = shard_paths(out, cfg.shards)
+    refuse_overwrite({"the teacher": teacher.path}, [out, *paths], "choose another --out: the teacher is the input")
     result = {"path": str(out), "rows": len(rows), "rows_per_split": rows.sizes, "run_key": meta.run_key,
               "views": meta.views, "target_bytes_per_row": target_bytes_per_row(meta),
               "shards": cfg.shards}

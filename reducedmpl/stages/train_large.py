@@ -168,7 +168,9 @@ def run(cfg: TrainLargeConfig, out: str | Path, *, resume: bool = False, overwri
     check_model_fits(src.arch, data.source.num_classes, data.prep.in_chans, data.prep.input_size,
                      "train_large.model", drop_rate=cfg.drop_rate, **src.model_args)
     config_dict = {**to_dict(cfg), "weights": src.record()}
-    job = stage.StageRun(out, ARTIFACT, config_dict, dist, console, resume=resume, overwrite=overwrite)
+    init = cfg.init.removeprefix("checkpoint:") if cfg.init.startswith("checkpoint:") else None
+    job = stage.StageRun(out, ARTIFACT, config_dict, dist, console, resume=resume, overwrite=overwrite,
+                         inputs={"the --init checkpoint": init})
     check_same_data(job.state, data.splits.fingerprints, job.out)
     t = Trainer(cfg, data, device, dist, src, note=console.print if job.main and not resume else None)
     start_epoch, resume_at = 0, None

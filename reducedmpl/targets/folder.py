@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 
 from ..errors import ArtifactError, UserError
-from ..files import temp_path
+from ..files import check_writable, temp_path
 from .meta import StoreMeta
 from .reader import TargetStore
 from .writer import shard_is_complete
@@ -109,12 +109,21 @@ class StoreLock:
     def __init__(self, master: str | os.PathLike[str]):
         master = Path(master)
         self.path = master.parent
+        self._fd: int | None = None  # set first: release() (and __del__) must work whatever failed below
         try:
             master.parent.mkdir(parents=True, exist_ok=True)
-            self._fd: int | None = os.open(self.path, os.O_RDONLY)
+            self._fd = os.open(self.path, os.O_RDONLY)
         except OSError as e:
             raise UserError(f"cannot create the folder of {master} ({e.strerror or e})",
                             "choose a writable --out") from None
+        try:
+            self._lock(master)
+            check_writable(master)  # under the lock: its probe file is the master's temporary name
+        except UserError:
+            self.release()
+            raise
+
+    def _lock(self, master: Path) -> None:
         try:
             import fcntl
         except ImportError:  # no flock on this system: one writer at a time is up to the user
@@ -122,14 +131,17 @@ class StoreLock:
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            self.release()
             raise UserError(f"another precompute is writing {master} right now (it holds a lock on {self.path})",
                             "wait for it to finish, or choose another --out") from None
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the file drops the lock
-            self._fd = None
+        """Drop the lock; never raises (it runs on cleanup paths, also from ``__del__``)."""
+        fd, self._fd = getattr(self, "_fd", None), None
+        if fd is not None:
+            try:
+                os.close(fd)  # closing the file drops the lock
+            except OSError:
+                pass
 
     def __del__(self) -> None:
         self.release()

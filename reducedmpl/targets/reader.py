@@ -40,8 +40,7 @@ def _not_a_store(path: Path) -> ArtifactError | None:
         return None
     if kind == "teacher":
         return ArtifactError(f"{path} is a teacher artifact (teacher.pt), not a targets store",
-                             f"pass the targets.h5 that `reducedmpl precompute --teacher {path}` writes (by default "
-                             f"{path.parent / MASTER_NAME})")
+                             f"pass the {MASTER_NAME} that `reducedmpl precompute --teacher {path}` writes beside it")
     if kind in ("student", "reduced_teacher"):
         return ArtifactError(f"{path} is a {kind.replace('_', ' ')} artifact, not a targets store",
                              "pass the targets.h5 written by `reducedmpl precompute` (the one this student was "
