@@ -63,10 +63,9 @@ def check_model_fits(name: str, num_classes: int, in_chans: int, input_size: int
         except Exception as e:  # noqa: BLE001 - any failure of the model on this input
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ConfigError(f"{what} {name!r} cannot take the data's {shape} inputs "
-                              f"({type(e).__name__}: {first[:160]})",
-                              f"choose a model that takes {input_size}x{input_size} images, or set "
-                              f"{what.split('.')[0]}.input_size (or data.input_size) to a size it takes "
-                              "(e.g. 224)") from None
+                              f"({type(e).__name__}: {first[:80]})",
+                              f"set {what.split('.')[0]}.input_size or data.input_size to a size it takes (e.g. "
+                              f"224), or choose a model that takes {input_size}x{input_size} images") from None
     if tuple(out.shape) != (2, num_classes):
         raise ConfigError(f"{what} {name!r} gives outputs of shape {tuple(out.shape)[1:]} on {shape} inputs, "
                           f"not {num_classes} class scores", "choose a classification model")

@@ -82,7 +82,7 @@ def resume_state(out: Path, artifact: str, resume: bool, config: dict, ignore: t
 def check_history(out: Path, saved: Any, ignore: tuple[str, ...]) -> None:
     """Refuse a ``last.pt`` that is not the checkpoint of the run recorded in the folder's ``config.yaml`` (a
     checkpoint copied in from another run, or a folder mixed by hand)."""
-    from ..config import bounded_safe_load
+    from ..yamltext import bounded_safe_load
 
     try:
         recorded = bounded_safe_load((out / "config.yaml").read_text())
