@@ -72,9 +72,12 @@ SPEC_FORMS = tuple(k.form for k in KINDS.values())
 
 
 def spec_help(kind: str | None = None) -> str:
-    """How to write a data source: every form, or only ``kind``'s."""
-    forms = [f for f in SPEC_FORMS if kind is None or f.split(":")[0].split(" ")[0] == kind]
-    return ("check the path; expected " if kind else "use one of: ") + "; ".join(forms or SPEC_FORMS)
+    """How to write a data source: ``kind``'s form with what it reads, or every form in short (a message stays one
+    short line; the README's Data section describes each)."""
+    forms = [f for f in SPEC_FORMS if kind is not None and f.split(":")[0].split(" ")[0] == kind]
+    if forms:
+        return "check the path; expected " + "; ".join(forms)
+    return "use one of: " + ", ".join(f.split(" (")[0] for f in SPEC_FORMS)
 
 
 # --------------------------------------------------------------------------------------------------
