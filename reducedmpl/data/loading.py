@@ -3,7 +3,8 @@
 Array-backed sources (digits, mnist, cifar, npz) are held as one uint8 tensor and augmented a batch at a
 time, which is much faster on a CPU than per-image transforms. Image folders go through a
 ``torch.utils.data.DataLoader`` with timm's ``create_transform``: ``data.num_workers`` worker processes that
-stay alive across epochs and prefetch, pinned memory when CUDA is there. Either way the order of an epoch is a
+stay alive across epochs and prefetch, pinned memory when CUDA is there; so do the stored views an array
+source replays (:class:`views.ViewBatches`), when ``data.num_workers > 0``. Either way the order of an epoch is a
 function of (seed, epoch), and the augmentation of an array batch of (seed, epoch, batch index), of a folder
 image of (seed, epoch, row id); so the worker count never changes a batch, and a run resumed mid-epoch sees
 exactly the batches an uninterrupted run would.

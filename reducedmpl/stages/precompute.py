@@ -8,7 +8,8 @@ Crash safety comes from the store (:mod:`reducedmpl.targets`): every shard is wr
 renamed only when complete, and the master is written last. Running the same command again after a crash keeps
 the complete shards of this exact job (same run key), recomputes the others and writes the master, which gives
 the same store as an uninterrupted run. Rows are written from a background thread, in blocks, while the teacher
-runs on the next batches.
+runs on the next batches; the inputs of stored views are rendered in ``data.num_workers`` DataLoader workers
+ahead of the teacher (:class:`ViewInputs`).
 """
 from __future__ import annotations
 
@@ -279,8 +280,8 @@ class ViewInputs:
     def __init__(self, maker: ViewMaker, batch_size: int, workers: int):
         self.maker, self.batch_size, self.extra = maker, batch_size, maker.policy.views - 1
         self._sampler = _Keys()
-        extra = {"persistent_workers": True, "prefetch_factor": 4, "multiprocessing_context": "spawn"} \
-            if workers > 0 else {}
+        extra = {"persistent_workers": True, "prefetch_factor": 4, "multiprocessing_context": "spawn",
+                 "pin_memory": torch.cuda.is_available()} if workers > 0 else {}
         batches = ViewBatches(maker)
         self._loader = torch.utils.data.DataLoader(batches, batch_sampler=self._sampler, num_workers=workers,
                                                    collate_fn=batches.collate, **extra)
