@@ -190,8 +190,11 @@ def _per_image_randaugment(images: torch.Tensor, seeds: list[int]) -> torch.Tens
 def test_batched_randaugment_is_the_per_image_transform_bit_for_bit(shape) -> None:
     """Every op (each drawn ~40 times here, with both signs) on a batch gives each image what the per-image
     transform gives it, and the views' RandAugment is that transform seeded by the view."""
+    from torchvision.transforms import v2
+
     from reducedmpl.data.loading import BatchedRandAugment
 
+    v2_randaugment = v2.RandAugment(num_ops=2, magnitude=9)
     images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (300, *shape), dtype=np.uint8))
     images[:60] //= 4  # low contrast: autocontrast and equalize have work to do
     seeds = [view_seed(7, r, 1 + r % 3) for r in range(len(images))]
@@ -199,6 +202,14 @@ def test_batched_randaugment_is_the_per_image_transform_bit_for_bit(shape) -> No
     plans = [aug.plan(g.manual_seed(s), *shape[1:]) for s in seeds]
     assert {op for plan in plans for op, _ in plan} == set(aug.ops)  # every op drawn
     assert torch.equal(aug.apply(images, plans), _per_image_randaugment(images, seeds))
+
+    # the ordinary training batches: one generator for the batch, its draws made image after image
+    batch_seed = 12345
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(batch_seed)
+        expected = torch.stack([v2_randaugment(img) for img in images[:50]])
+    draws = torch.Generator().manual_seed(batch_seed)
+    assert torch.equal(aug.apply(images[:50], [aug.plan(draws, *shape[1:]) for _ in range(50)]), expected)
 
     maker, _ = _maker({**POLICY, "randaugment": "rand-m9-n2"}, seed=7)
     ids, views = np.arange(200), np.arange(200) % 4
