@@ -168,23 +168,25 @@ class ViewMaker:
         self._transforms: tuple[Any, Any] | None = None  # folders: (view 0's transform, RandAugment or None)
         self._augment: BatchedRandAugment | None = None  # arrays: made on first use
         self._draws = torch.Generator()  # arrays: RandAugment's draws, seeded per view
-        self._shared: torch.Tensor | None = None  # arrays: the images in shared memory, for worker processes
+        self._shared: dict[str, torch.Tensor] | None = None  # arrays: images, labels in shared memory, for workers
 
     def __getstate__(self) -> dict[str, Any]:
         """What a worker process gets: the transforms and the generator are made again there, on first use; an
-        array source's images go as a tensor in shared memory (moved there once), which the workers map rather
-        than each receiving a copy."""
+        array source's images and labels go as tensors in shared memory (moved there once), which the workers map
+        rather than each receiving a copy (and a small message starts a worker without waiting for it)."""
         state = {**self.__dict__, "_transforms": None, "_augment": None, "_draws": None}
         if self.source.images is not None:
             if self._shared is None:
-                self._shared = torch.from_numpy(np.ascontiguousarray(self.source.images)).share_memory_()
-            state["source"], state["_shared"] = dataclasses.replace(self.source, images=None), self._shared
+                self._shared = {k: torch.from_numpy(np.ascontiguousarray(getattr(self.source, k))).share_memory_()
+                                for k in ("images", "labels")}
+            state["source"] = dataclasses.replace(self.source, **{k: None for k in self._shared})
+            state["_shared"] = self._shared
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         if self._shared is not None:
-            self.source = dataclasses.replace(self.source, images=self._shared.numpy())
+            self.source = dataclasses.replace(self.source, **{k: t.numpy() for k, t in self._shared.items()})
         self._draws = torch.Generator()
 
     def inputs(self, ids: np.ndarray, views: np.ndarray) -> torch.Tensor:
