@@ -22,8 +22,9 @@ synthetic batches and the same settings; the script prints ratios to the ``kd`` 
 
 Targets: kd from stored views <= 0.5x online-kd (crop views; and RandAugment views, against online-kd with
 RandAugment), kd from stored RandAugment views <= 1.1x kd from clean targets with RandAugment, reinforce <= 1.25x
-kd, exact (fd) <= 1.65x kd, both within 5 % of their floor, <= 0.2x full-mpl, and < 0.5x its peak memory. The machine's load average is printed beside the table: take figures from a run
-with nothing else running.
+kd, exact (fd) <= 1.65x kd, both within 5 % of their floor, <= 0.2x full-mpl, and < 0.5x its peak memory. The
+machine's load average is printed beside the table: take figures from a run with nothing else running (on a
+shared machine, ``--threads 1`` swings least).
 
     python benchmarks/distill_speed.py                 # default: 32x32 RGB, test_resnet student
     python benchmarks/distill_speed.py --steps 40 --student resnet10t

@@ -62,7 +62,8 @@ def make_teacher(folder: Path, spec: str, arch: str, seed: int) -> Path:
     prep = default_preprocess(source, splits.indices["labeled"], data)
     torch.manual_seed(seed)
     model = create_model(arch, source.num_classes, prep.in_chans, input_size=prep.input_size)
-    art = build_artifact("teacher", model, model_source(arch), DataSetup(data, source, splits, prep), {"data": to_dict(data)}, {})
+    art = build_artifact("teacher", model, model_source(arch), DataSetup(data, source, splits, prep),
+                         {"data": to_dict(data)}, {})
     path = folder / "teacher.pt"
     save_torch(art, path)
     return path
