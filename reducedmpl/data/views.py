@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -177,8 +178,10 @@ class ViewMaker:
         state = {**self.__dict__, "_transforms": None, "_augment": None, "_draws": None}
         if self.source.images is not None:
             if self._shared is None:
-                self._shared = {k: torch.from_numpy(np.ascontiguousarray(getattr(self.source, k))).share_memory_()
-                                for k in ("images", "labels")}
+                with warnings.catch_warnings():  # a read-only array (a memory map) is copied into shared memory
+                    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                    self._shared = {k: torch.from_numpy(np.ascontiguousarray(getattr(self.source, k))).share_memory_()
+                                    for k in ("images", "labels")}
             state["source"] = dataclasses.replace(self.source, **{k: None for k in self._shared})
             state["_shared"] = self._shared
         return state
