@@ -6,9 +6,11 @@ synthetic batches and the same settings; the script prints ratios to the ``kd`` 
 * ``supervised``, ``kd``, ``reducedmpl`` with ``reinforce`` and with ``exact`` (jvp and fd) — the real
   ``Distiller`` code path of ``reducedmpl distill``, targets served from memory as the store does;
 * ``kd-views``: kd from a store of ``--views`` views per row: each drawn row's stored view is rebuilt exactly
-  (per-image crop and flip seeded by row and view) and read with that view's targets;
+  (crop and flip seeded by row and view) and read with that view's targets;
 * ``online-kd``: kd with the large teacher (``--large``) in memory, run on the student's own augmented view
   every step — the consistent teacher that stored targets stand in for;
+* ``kd-ra``, ``kd-views-ra``, ``online-kd-ra``: the same three with RandAugment (``rand-m9-n2``) in the data's
+  augmentation and in the stored views; ``--workers N`` renders the stored views in N DataLoader workers;
 * ``full-mpl``: the same student step plus a resnet18-class large teacher that runs forward and backward on
   the labeled and unlabeled batches every step, as full Meta Pseudo Labels does.
 
@@ -18,12 +20,15 @@ synthetic batches and the same settings; the script prints ratios to the ``kd`` 
   exact (fd) = kd + a labeled forward and backward (v at θ') + a pseudo-label forward (the finite difference).
   What a step costs above its floor is overhead (the reduced teacher, batches, bookkeeping).
 
-Targets: kd from stored views <= 0.5x online-kd, reinforce <= 1.25x kd, exact (fd) <= 1.65x kd, both within 5 % of their floor, <= 0.2x full-mpl,
-and < 0.5x its peak memory. The machine's load average is printed beside the table: take figures from a run
-with nothing else running.
+Targets: kd from stored views <= 0.5x online-kd (crop views; and RandAugment views, against online-kd with
+RandAugment), kd from stored RandAugment views <= 1.1x kd from clean targets with RandAugment, reinforce <= 1.25x
+kd, exact (fd) <= 1.65x kd, both within 5 % of their floor, <= 0.2x full-mpl, and < 0.5x its peak memory. The
+machine's load average is printed beside the table: take figures from a run with nothing else running (on a
+shared machine, ``--threads 1`` swings least).
 
     python benchmarks/distill_speed.py                 # default: 32x32 RGB, test_resnet student
     python benchmarks/distill_speed.py --steps 40 --student resnet10t
+    python benchmarks/distill_speed.py --modes kd,kd-views,online-kd,kd-ra,kd-views-ra,online-kd-ra --workers 2
 """
 from __future__ import annotations
 
@@ -38,8 +43,9 @@ import sys
 import time
 import types
 
-MODES = ["supervised", "kd", "kd-views", "online-kd", "reinforce", "exact-jvp", "exact-fd", "full-mpl", "passes"]
-STEPS = MODES[:-1]
+MODES = ["supervised", "kd", "kd-views", "online-kd", "kd-ra", "kd-views-ra", "online-kd-ra", "reinforce", "exact-jvp",
+         "exact-fd", "full-mpl", "passes"]
+RANDAUGMENT = "rand-m9-n2"  # the data augmentation of the *-ra modes
 
 
 def _rss_mb() -> float:
@@ -58,6 +64,7 @@ def worker(args) -> dict:
     from reducedmpl.models import create_model
     from reducedmpl.stages.distill import Distiller
     from reducedmpl.data.setup import DataSetup
+    from reducedmpl.data.views import REBUILD
 
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
@@ -66,15 +73,17 @@ def worker(args) -> dict:
     labels = rng.integers(0, c, n).astype(np.int64)
     source = Source(spec="synthetic", kind="npz", class_names=[str(i) for i in range(c)], labels=labels,
                     in_chans=3, images=images, image_size=(args.size, args.size))
-    data_cfg = DataConfig(source="synthetic", labeled_per_class=100, crop_padding=2, hflip=True)
+    randaugment = RANDAUGMENT if args.worker.endswith("-ra") else None
+    data_cfg = DataConfig(source="synthetic", labeled_per_class=100, crop_padding=2, hflip=True,
+                          randaugment=randaugment, num_workers=args.workers)
     splits = make_splits(source, data_cfg)
     data = DataSetup(data_cfg, source, splits, default_preprocess(source, splits.indices["labeled"], data_cfg))
     logits = rng.normal(size=(n, c)).astype(np.float32) * 3
 
-    views = args.views if args.worker == "kd-views" else 1
+    views = args.views if args.worker.startswith("kd-views") else 1
     view_logits = rng.normal(size=(n, views, c)).astype(np.float32) * 3
     policy = {"views": views, "seed": 0, "input_size": args.size, "crop_padding": 2, "hflip": True,
-              "randaugment": None, "kind": "array", "rebuild": 1}
+              "randaugment": randaugment, "kind": "array", "rebuild": REBUILD}
 
     class MemoryStore:  # what TargetStore.log_probs returns, from memory (with K views for kd-views)
         meta = types.SimpleNamespace(view_policy=policy)
@@ -86,7 +95,8 @@ def worker(args) -> dict:
             x = logits[ids] if views is None else view_logits[ids, views]
             return x - np.log(np.exp(x - x.max(1, keepdims=True)).sum(1, keepdims=True)) - x.max(1, keepdims=True)
 
-    mode = "kd" if args.worker == "kd-views" else args.worker
+    mode = args.worker.removesuffix("-ra")
+    mode = "kd" if mode == "kd-views" else mode
     if mode == "passes":
         mode = "kd"
     kw = dict(mode="reducedmpl", student=args.student, steps=10_000, batch_size=args.labeled_batch,
@@ -138,7 +148,7 @@ def worker(args) -> dict:
         t0 = time.perf_counter()
         step(False)
         times.append(time.perf_counter() - t0)
-    return {"mode": mode, "median_s": statistics.median(times), "peak_rss_mb": _rss_mb(),
+    return {"mode": args.worker, "median_s": statistics.median(times), "peak_rss_mb": _rss_mb(),
             "base_rss_mb": base_rss}
 
 
@@ -189,50 +199,73 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--rounds", type=int, default=2, help="each mode runs this many times, interleaved")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--workers", type=int, default=0, help="data.num_workers (stored views of arrays in workers)")
+    p.add_argument("--modes", help=f"comma-separated subset of {','.join(MODES)} (default: all)")
     p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
         return
 
+    modes = [m for m in MODES if m in args.modes.split(",")] if args.modes else MODES
+    if "kd" not in modes:
+        p.error("--modes must include kd (the table's unit)")
     load_before = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    results: dict[str, list[dict]] = {m: [] for m in MODES}
+    results: dict[str, list[dict]] = {m: [] for m in modes}
     passthrough = [a for a in sys.argv[1:]]
     for r in range(args.rounds):
-        order = MODES if r % 2 == 0 else MODES[::-1]  # alternate the order against drift
-        for mode in order:
+        for mode in modes if r % 2 == 0 else modes[::-1]:  # alternate the order against drift
             out = subprocess.run([sys.executable, __file__, *passthrough, "--worker", mode], capture_output=True,
                                  text=True, check=True)
             results[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    med = {m: statistics.median(r["median_s"] for r in results[m]) for m in STEPS}
-    passes = {k: statistics.median(r[k] for r in results["passes"]) for k in ("fwd_l_s", "fwd_bwd_l_s", "fwd_u_s")}
-    floor = {"reinforce": med["kd"] + 2 * passes["fwd_l_s"],
-             "exact-fd": med["kd"] + passes["fwd_bwd_l_s"] + passes["fwd_u_s"]}
-    mem = {m: max(r["peak_rss_mb"] - r["base_rss_mb"] for r in results[m]) for m in STEPS}
-    peak = {m: max(r["peak_rss_mb"] for r in results[m]) for m in STEPS}
     print(f"student {args.student}, large {args.large}, {args.size}x{args.size} RGB, batches "
           f"{args.labeled_batch} labeled + {args.unlabeled_batch} unlabeled, {args.steps} steps x {args.rounds} "
-          f"rounds, {args.threads} threads; load average {load_before} before, "
+          f"rounds, {args.threads} threads, {args.workers} data workers; *-ra modes: {RANDAUGMENT}, crops, flips; "
+          f"the others crops, flips; load average {load_before} before, "
           f"{', '.join(f'{x:.2f}' for x in os.getloadavg())} after")
-    print(f"passes alone: labeled forward {1000 * passes['fwd_l_s']:.1f} ms, labeled forward+backward "
-          f"{1000 * passes['fwd_bwd_l_s']:.1f} ms, pseudo-label forward {1000 * passes['fwd_u_s']:.1f} ms")
-    print(f"{'mode':<12}{'step ms':>9}{'x kd':>7}{'floor x kd':>12}{'x floor':>9}{'x full-mpl':>12}"
+    report(results, [m for m in modes if m != "passes"])
+
+
+def report(results: dict[str, list[dict]], steps: list[str]) -> None:
+    """The table of step times and memory, and the targets that the modes measured allow checking."""
+    med = {m: statistics.median(r["median_s"] for r in results[m]) for m in steps}
+    mem = {m: max(r["peak_rss_mb"] - r["base_rss_mb"] for r in results[m]) for m in steps}
+    peak = {m: max(r["peak_rss_mb"] for r in results[m]) for m in steps}
+    floor = {}
+    if "passes" in results:
+        passes = {k: statistics.median(r[k] for r in results["passes"]) for k in ("fwd_l_s", "fwd_bwd_l_s", "fwd_u_s")}
+        floor = {"reinforce": med["kd"] + 2 * passes["fwd_l_s"],
+                 "exact-fd": med["kd"] + passes["fwd_bwd_l_s"] + passes["fwd_u_s"]}
+        print(f"passes alone: labeled forward {1000 * passes['fwd_l_s']:.1f} ms, labeled forward+backward "
+              f"{1000 * passes['fwd_bwd_l_s']:.1f} ms, pseudo-label forward {1000 * passes['fwd_u_s']:.1f} ms")
+    full = med.get("full-mpl")
+    print(f"{'mode':<14}{'step ms':>9}{'x kd':>7}{'floor x kd':>12}{'x floor':>9}{'x full-mpl':>12}"
           f"{'peak RSS MB':>13}{'added MB':>10}{'x full-mpl mem':>16}")
-    for m in STEPS:
+    for m in steps:
         fl = f"{floor[m] / med['kd']:>12.2f}{med[m] / floor[m]:>9.3f}" if m in floor else f"{'':>12}{'':>9}"
-        print(f"{m:<12}{1000 * med[m]:>9.1f}{med[m] / med['kd']:>7.2f}{fl}{med[m] / med['full-mpl']:>12.3f}"
-              f"{peak[m]:>13.0f}{mem[m]:>10.0f}{mem[m] / max(mem['full-mpl'], 1e-9):>16.2f}")
-    checks = [("kd from stored views <= 0.5x online-kd step", med["kd-views"] / med["online-kd"] <= 0.5),
-              ("reinforce <= 1.25x kd", med["reinforce"] / med["kd"] <= 1.25),
-              ("exact (fd) <= 1.65x kd", med["exact-fd"] / med["kd"] <= 1.65),
-              ("reinforce within 5% of its floor", med["reinforce"] / floor["reinforce"] <= 1.05),
-              ("exact (fd) within 5% of its floor", med["exact-fd"] / floor["exact-fd"] <= 1.05),
-              ("reinforce, exact (fd) <= 0.2x full-mpl step",
-               max(med["reinforce"], med["exact-fd"]) / med["full-mpl"] <= 0.2),
-              ("reinforce, exact added memory < 0.5x full-mpl",
-               max(mem["reinforce"], mem["exact-jvp"], mem["exact-fd"]) / max(mem["full-mpl"], 1e-9) < 0.5)]
-    for name, ok in checks:
-        print(f"{'met ' if ok else 'MISSED'}  {name}")
+        vs_full = f"{med[m] / full:>12.3f}" if full else f"{'-':>12}"
+        vs_mem = f"{mem[m] / max(mem['full-mpl'], 1e-9):>16.2f}" if full else f"{'-':>16}"
+        print(f"{m:<14}{1000 * med[m]:>9.1f}{med[m] / med['kd']:>7.2f}{fl}{vs_full}{peak[m]:>13.0f}{mem[m]:>10.0f}"
+              f"{vs_mem}")
+    checks = [("kd from stored crop views <= 0.5x online-kd step", ("kd-views", "online-kd"),
+               lambda: med["kd-views"] / med["online-kd"] <= 0.5),
+              (f"kd from stored {RANDAUGMENT} views <= 1.1x kd from clean targets (same augmentation)",
+               ("kd-views-ra", "kd-ra"), lambda: med["kd-views-ra"] / med["kd-ra"] <= 1.1),
+              (f"kd from stored {RANDAUGMENT} views <= 0.5x online-kd step (same augmentation)",
+               ("kd-views-ra", "online-kd-ra"), lambda: med["kd-views-ra"] / med["online-kd-ra"] <= 0.5),
+              ("reinforce <= 1.25x kd", ("reinforce",), lambda: med["reinforce"] / med["kd"] <= 1.25),
+              ("exact (fd) <= 1.65x kd", ("exact-fd",), lambda: med["exact-fd"] / med["kd"] <= 1.65),
+              ("reinforce within 5% of its floor", ("reinforce", "passes"),
+               lambda: med["reinforce"] / floor["reinforce"] <= 1.05),
+              ("exact (fd) within 5% of its floor", ("exact-fd", "passes"),
+               lambda: med["exact-fd"] / floor["exact-fd"] <= 1.05),
+              ("reinforce, exact (fd) <= 0.2x full-mpl step", ("reinforce", "exact-fd", "full-mpl"),
+               lambda: max(med["reinforce"], med["exact-fd"]) / med["full-mpl"] <= 0.2),
+              ("reinforce, exact added memory < 0.5x full-mpl", ("reinforce", "exact-jvp", "exact-fd", "full-mpl"),
+               lambda: max(mem["reinforce"], mem["exact-jvp"], mem["exact-fd"]) / max(mem["full-mpl"], 1e-9) < 0.5)]
+    for name, needs, ok in checks:
+        if all(n in results for n in needs):
+            print(f"{'met ' if ok() else 'MISSED'}  {name}")
 
 
 if __name__ == "__main__":

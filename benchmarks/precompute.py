@@ -13,9 +13,12 @@ Prints ratios measured side by side in one run on this machine:
 2. bytes per row of the store: dense float16 / float32 vs top-k, on disk for the benchmark's data; for a
    1000-class table the formula's (``target_bytes_per_row``), not a measurement;
 3. reader throughput on random 256-row batches of a simulated 1,281,167 x 1000 table (the logic of
-   ``benchmarks/targets_reader.py``): dense and top-k in memory (target >= 50,000 rows/s).
+   ``benchmarks/targets_reader.py``): dense and top-k in memory (target >= 50,000 rows/s);
+4. stored views: ``precompute --views 8`` against 8 x the one-view time (target <= 1.2), with and without
+   RandAugment (``rand-m9-n2``), with the views rendered in this process and in 2 DataLoader workers.
 
     python benchmarks/precompute.py [--data mnist:DIR] [--repeats 5] [--reader-rows 1281167] [--no-reader]
+    python benchmarks/precompute.py --only-views [--views 8] [--views-splits test]
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ from reducedmpl.data.loading import Batcher, Preprocess, default_preprocess
 from reducedmpl.data.sources import load_source
 from reducedmpl.data.splits import make_splits
 from reducedmpl.files import save_torch
-from reducedmpl.models import build_artifact, create_model
+from reducedmpl.models import build_artifact, create_model, model_source
 from reducedmpl.stages import precompute
 from reducedmpl.data.setup import DataSetup
 from reducedmpl.targets import StoreMeta, TargetStore, target_bytes_per_row
@@ -48,6 +51,7 @@ from _data import default_data  # noqa: E402 - benchmarks/ is on sys.path when a
 
 HERE = Path(__file__).resolve().parent
 TARGET_OVERHEAD = 1.05
+TARGET_VIEWS = 1.2  # precompute --views K within 1.2 x K x the one-view time
 
 
 def make_teacher(folder: Path, spec: str, arch: str, seed: int) -> Path:
@@ -58,7 +62,8 @@ def make_teacher(folder: Path, spec: str, arch: str, seed: int) -> Path:
     prep = default_preprocess(source, splits.indices["labeled"], data)
     torch.manual_seed(seed)
     model = create_model(arch, source.num_classes, prep.in_chans, input_size=prep.input_size)
-    art = build_artifact("teacher", model, arch, DataSetup(data, source, splits, prep), {"data": to_dict(data)}, {})
+    art = build_artifact("teacher", model, model_source(arch), DataSetup(data, source, splits, prep),
+                         {"data": to_dict(data)}, {})
     path = folder / "teacher.pt"
     save_torch(art, path)
     return path
@@ -92,6 +97,9 @@ class ForwardClock:
         self._original = original = precompute.predict_logits
 
         def clocked_predict(model, batches, *args):
+            if "forward" in vars(model):  # a call inside another (the views' passes): already clocked
+                yield from original(model, batches, *args)
+                return
             forward = model.forward
 
             def clocked(x):
@@ -115,24 +123,34 @@ class ForwardClock:
         precompute.predict_logits = self._original
 
 
-def run_precompute(teacher: Path, out: Path, clock: ForwardClock | None = None,
+def run_precompute(teacher: Path, out: Path, clock: ForwardClock | None = None, data: dict | None = None,
                    **settings) -> tuple[float, float, dict]:
-    """Wall and CPU seconds of the whole stage as the CLI runs it (interpreter start and imports excluded)."""
+    """Wall and CPU seconds of the whole stage as the CLI runs it (interpreter start and imports excluded);
+    ``data``: settings that replace the teacher's recorded data settings (``--set data.KEY=VALUE``)."""
     cfg = PrecomputeConfig(**settings)
     start, cpu = time.perf_counter(), time.process_time()
     if clock is not None:
         clock.start = start
     source = precompute.open_teacher(teacher)
-    cfg.data = DataConfig(**source.recorded_data)
+    cfg.data = DataConfig(**{**source.recorded_data, **(data or {})})
     cfg.validate()
     result = precompute.run(cfg, source, out, overwrite=True, quiet=True)
     return time.perf_counter() - start, time.process_time() - cpu, result
 
 
 def measure(what: str, teacher: Path, out: Path, batch_size: int) -> dict:
-    """One measurement, ``pure`` or ``stage``, in this process."""
+    """One measurement, ``pure`` or ``stage``, or ``views:K:RANDAUGMENT:WORKERS:SPLITS`` (precompute --views K), in
+    this process."""
     if what == "pure":
         return pure_inference(teacher, batch_size)
+    if what.startswith("views:"):
+        _, views, randaugment, workers, splits = what.split(":")
+        data = {"randaugment": None if randaugment == "none" else randaugment, "num_workers": int(workers)}
+        with ForwardClock() as clock:
+            wall, _, result = run_precompute(teacher, out, clock, data, batch_size=batch_size, views=int(views),
+                                             splits=splits.split(","))
+        return {"wall": wall, "loop": clock.last - clock.first, "forward": clock.seconds, "rows": result["rows"],
+                "setup": clock.first - clock.start, "tail": clock.start + wall - clock.last}
     with ForwardClock() as clock:
         wall, cpu, result = run_precompute(teacher, out, clock, batch_size=batch_size)
     return {"wall": wall, "cpu": cpu, "setup": clock.first - clock.start, "loop": clock.last - clock.first,
@@ -182,6 +200,28 @@ def bench_overhead(folder: Path, teacher: Path, batch_size: int, repeats: int, t
           f"pure inference, median {med['steady']:.3f}; precompute wall time / its own forward passes (the same "
           f"process), median {med['own']:.3f}")
     return stage["bytes_per_row"]
+
+
+def bench_views(folder: Path, teacher: Path, batch_size: int, views: int, threads: int | None, splits: str) -> None:
+    """``precompute --views K`` against K times one view's time, with and without RandAugment, with 0 and 2
+    workers (``data.num_workers``), each in a fresh process: whole-stage wall time, and the loop alone (first
+    forward pass to last: without loading, hashing and the master file)."""
+    out = folder / "v" / "targets.h5"
+    one = measure_in_child(f"views:1:none:0:{splits}", teacher, out, batch_size, threads)  # warms the page cache
+    one = measure_in_child(f"views:1:none:0:{splits}", teacher, out, batch_size, threads)
+    print(f"precompute --splits {splits}: {one['rows']:,} rows")
+    print(f"one view: {one['wall']:.1f} s (loop {one['loop']:.1f} s, forward passes {one['forward']:.1f} s); "
+          f"target for K = {views}: <= {TARGET_VIEWS} x {views} x one view")
+    for randaugment in ("none", "rand-m9-n2"):
+        for workers in (0, 2):
+            got = measure_in_child(f"views:{views}:{randaugment}:{workers}:{splits}", teacher, out, batch_size,
+                                   threads)
+            ratio, loop = got["wall"] / (views * one["wall"]), got["loop"] / (views * one["loop"])
+            print(f"  K = {views}, {'crops and flips' if randaugment == 'none' else randaugment + ', crops, flips':<28}"
+                  f"{workers} workers: {got['wall']:6.1f} s = {ratio:.3f} x {views} x one view (loop {loop:.3f}; "
+                  f"forward passes {got['forward']:.1f} s; setup {got['setup']:.1f} s, tail {got['tail']:.1f} s) "
+                  f"{'OK' if ratio <= TARGET_VIEWS else 'ABOVE TARGET'}; "
+                  f"load average {os.getloadavg()[0]:.2f}", flush=True)
 
 
 def bench_bytes(folder: Path, teacher: Path, batch_size: int, classes: int, dense16: float) -> None:
@@ -251,7 +291,11 @@ def main() -> None:
     parser.add_argument("--reader-batches", type=int, default=200)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--no-reader", action="store_true", help="skip the reader benchmark")
-    parser.add_argument("--child", choices=("pure", "stage"), help=argparse.SUPPRESS)
+    parser.add_argument("--views", type=int, default=8, help="K of the views benchmark (0: skip it)")
+    parser.add_argument("--only-views", action="store_true", help="run only the views benchmark")
+    parser.add_argument("--views-splits", default="labeled,unlabeled,val,test",
+                        help="the splits the views benchmark covers (fewer rows: a shorter run)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--teacher", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -268,6 +312,10 @@ def main() -> None:
         classes = torch.load(teacher, weights_only=True)["num_classes"]
         print(f"teacher {args.model} (random weights) on {args.data}; batch size {args.batch_size}; "
               f"{torch.get_num_threads()} torch threads; {args.repeats} rounds; {_load()}")
+        if args.views > 1:
+            bench_views(folder, teacher, args.batch_size, args.views, args.threads, args.views_splits)
+        if args.only_views:
+            return
         dense16 = bench_overhead(folder, teacher, args.batch_size, args.repeats, args.threads)
         bench_bytes(folder, teacher, args.batch_size, classes, dense16)
         if not args.no_reader:

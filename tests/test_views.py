@@ -172,6 +172,82 @@ def test_crops_and_flips_cover_their_range() -> None:
     assert set(corner.tolist()) == {8 * oy + ox for oy in range(5) for ox in range(5)}
 
 
+def _per_image_randaugment(images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    """What a store of rebuild scheme 2 records: torchvision's RandAugment image by image, each after
+    ``torch.manual_seed`` of its view's seed."""
+    from torchvision.transforms import v2
+
+    aug = v2.RandAugment(num_ops=2, magnitude=9)
+    with torch.random.fork_rng(devices=[]):
+        out = []
+        for img, seed in zip(images, seeds):
+            torch.manual_seed(seed)
+            out.append(aug(img))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 13, 11)])
+def test_batched_randaugment_is_the_per_image_transform_bit_for_bit(shape) -> None:
+    """Every op (each drawn ~40 times here, with both signs) on a batch gives each image what the per-image
+    transform gives it, and the views' RandAugment is that transform seeded by the view."""
+    from torchvision.transforms import v2
+
+    from reducedmpl.data.loading import BatchedRandAugment
+
+    v2_randaugment = v2.RandAugment(num_ops=2, magnitude=9)
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (300, *shape), dtype=np.uint8))
+    images[:60] //= 4  # low contrast: autocontrast and equalize have work to do
+    seeds = [view_seed(7, r, 1 + r % 3) for r in range(len(images))]
+    aug, g = BatchedRandAugment(9, 2), torch.Generator()
+    plans = [aug.plan(g.manual_seed(s), *shape[1:]) for s in seeds]
+    assert {op for plan in plans for op, _ in plan} == set(aug.ops)  # every op drawn
+    assert torch.equal(aug.apply(images, plans), _per_image_randaugment(images, seeds))
+
+    # the ordinary training batches: one generator for the batch, its draws made image after image
+    batch_seed = 12345
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(batch_seed)
+        expected = torch.stack([v2_randaugment(img) for img in images[:50]])
+    draws = torch.Generator().manual_seed(batch_seed)
+    assert torch.equal(aug.apply(images[:50], [aug.plan(draws, *shape[1:]) for _ in range(50)]), expected)
+
+    maker, _ = _maker({**POLICY, "randaugment": "rand-m9-n2"}, seed=7)
+    ids, views = np.arange(200), np.arange(200) % 4
+    source = torch.from_numpy(maker.source.images[ids]).permute(0, 3, 1, 2)
+    expected = source.clone()
+    aug_rows = views > 0
+    expected[aug_rows] = _per_image_randaugment(source[aug_rows], [view_seed(7, int(r), int(v)) for r, v in
+                                                                   zip(ids[aug_rows], views[aug_rows])])
+    assert torch.equal(maker._randaugment(source, ids, views), expected)
+
+
+def test_array_replay_is_the_same_with_workers(tmp_path: Path) -> None:
+    """Stored views of an array source replayed in 2 spawned DataLoader workers, ahead of use, give the batches
+    of the main process (RandAugment, crops, flips), also when a stream resumes mid-epoch."""
+    from reducedmpl.config import DataConfig
+    from reducedmpl.data.loading import BatchStream
+
+    maker, data = _maker({**POLICY, "randaugment": "rand-m9-n2", "hflip": True, "views": 8})
+    rows = np.arange(384)
+
+    def batches(workers: int, start: int = 0) -> tuple[Batcher, list]:
+        cfg = DataConfig(**{**data.config.__dict__, "num_workers": workers})
+        b = Batcher(data.source, rows, data.prep, cfg, batch_size=64, train=True, seed=4, drop_last=True,
+                    replay=maker)
+        return b, [out for e in (0, 1) for out in b.epoch(e, start if e == 0 else 0)]
+
+    b0, main = batches(0)
+    b2, workers = batches(2)
+    assert not b0.prefetches and b2.prefetches and len(main) == len(workers) == 2 * len(b0)
+    for (xa, ya, ia), (xb, yb, ib) in zip(main, workers):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ia, ib)
+    stream = BatchStream(b2)
+    stream.load_state_dict({"epoch": 1, "position": 3})
+    x, _, ids = stream.next()
+    assert torch.equal(ids, main[len(b0) + 3][2]) and torch.equal(x, main[len(b0) + 3][0])
+    assert len(set(stream.views(ids).tolist())) > 1
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def recorded_views(tiny_teacher, tmp_path_factory):
@@ -229,6 +305,23 @@ def test_replay_rebuilds_the_teachers_inputs_bit_for_bit(tiny_teacher, recorded_
     torch.testing.assert_close(b.log_q_u, torch.from_numpy(store.log_probs(ids.numpy(), views=views)))
     assert checked > 100
     store.close()
+
+
+def test_precompute_with_workers_writes_the_same_store(tiny_teacher, tmp_path: Path) -> None:
+    """Views rendered in 2 DataLoader workers (data.num_workers) give the store views rendered in this process give,
+    bit for bit, with RandAugment, over several shards."""
+    stores = {}
+    for workers in (0, 2):
+        out = tmp_path / str(workers) / "targets.h5"
+        cli("precompute", "--teacher", tiny_teacher, "--out", out, "--dtype", "float32", "--views", "3",
+            "--batch-size", "32", "--shards", "2", "--splits", "labeled", "--set",
+            "data.randaugment=rand-m9-n2", "--set", f"data.num_workers={workers}", "--quiet")
+        with TargetStore.open(out) as store:
+            ids = np.sort(store.ids)
+            stores[workers] = [store.logits(ids, views=np.full(len(ids), v)) for v in range(3)]
+    for a, b in zip(stores[0], stores[2]):
+        assert np.array_equal(a, b)
+    assert not np.array_equal(stores[0][1], stores[0][2])
 
 
 def test_distill_on_views_runs_and_can_turn_replay_off(recorded_views, tmp_path: Path) -> None:

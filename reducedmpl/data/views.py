@@ -20,8 +20,10 @@ seed, the epoch and the row id), and the student trains on exactly that region, 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -30,8 +32,8 @@ import torch
 
 from ..config import DataConfig, parse_randaugment
 from ..errors import ArtifactError
-from .loading import (Preprocess, center_crop, folder_transform, match_channels, normalise, resize,
-                      seeded_process_rngs)
+from .loading import (BatchedRandAugment, Preprocess, center_crop, folder_transform, match_channels, normalise,
+                      resize, seeded_process_rngs)
 from .sources import Source
 
 # Salts that keep the view streams apart from each other and from the batch augmentation's seeds.
@@ -113,7 +115,12 @@ def _hash(*parts: Any) -> np.ndarray:
 def view_seed(policy_seed: int, row: int, view: int) -> int:
     """The seed of view ``view`` of row ``row`` (RandAugment's, timm's transform's): a function of these three
     numbers only. The crop and flip of an array view are drawn from the same numbers by hashing."""
-    return int(_hash(_VIEW_SALT, policy_seed, row, view) >> np.uint64(1))  # < 2**63: a valid torch seed
+    return int(view_seeds(policy_seed, row, view))
+
+
+def view_seeds(policy_seed: int, rows: Any, views: Any) -> np.ndarray:
+    """:func:`view_seed` of many (row, view) pairs at once (uint64 array)."""
+    return _hash(_VIEW_SALT, policy_seed, rows, views) >> np.uint64(1)  # < 2**63: a valid torch seed
 
 
 def pick_views(seed: int, epoch: int, ids: np.ndarray, views: int) -> np.ndarray:
@@ -160,6 +167,30 @@ class ViewMaker:
         self.mean, self.std = prep.norm_tensors()
         self.randaugment = parse_randaugment(policy.randaugment) if policy.randaugment else None
         self._transforms: tuple[Any, Any] | None = None  # folders: (view 0's transform, RandAugment or None)
+        self._augment: BatchedRandAugment | None = None  # arrays: made on first use
+        self._draws = torch.Generator()  # arrays: RandAugment's draws, seeded per view
+        self._shared: dict[str, torch.Tensor] | None = None  # arrays: images, labels in shared memory, for workers
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What a worker process gets: the transforms and the generator are made again there, on first use; an
+        array source's images and labels go as tensors in shared memory (moved there once), which the workers map
+        rather than each receiving a copy (and a small message starts a worker without waiting for it)."""
+        state = {**self.__dict__, "_transforms": None, "_augment": None, "_draws": None}
+        if self.source.images is not None:
+            if self._shared is None:
+                with warnings.catch_warnings():  # a read-only array (a memory map) is copied into shared memory
+                    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                    self._shared = {k: torch.from_numpy(np.ascontiguousarray(getattr(self.source, k))).share_memory_()
+                                    for k in ("images", "labels")}
+            state["source"] = dataclasses.replace(self.source, **{k: None for k in self._shared})
+            state["_shared"] = self._shared
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self._shared is not None:
+            self.source = dataclasses.replace(self.source, **{k: t.numpy() for k, t in self._shared.items()})
+        self._draws = torch.Generator()
 
     def inputs(self, ids: np.ndarray, views: np.ndarray) -> torch.Tensor:
         """float32 (n, C, H, W): view ``views[i]`` of row ``ids[i]``; each image depends on its own key only."""
@@ -184,20 +215,22 @@ class ViewMaker:
         return normalise(x, self.prep, self.mean, self.std)
 
     def _randaugment(self, images: torch.Tensor, ids: np.ndarray, views: np.ndarray) -> torch.Tensor:
-        """RandAugment of each augmented view, from the global generator seeded by the view (the global state is
-        put back once for the batch)."""
-        from torchvision.transforms import v2
-
-        magnitude, ops = self.randaugment
-        aug = v2.RandAugment(num_ops=ops, magnitude=magnitude)
-        out = []
-        with torch.random.fork_rng(devices=[]):
-            for img, r, v in zip(images, ids.tolist(), views.tolist()):
-                if v:
-                    torch.manual_seed(view_seed(self.policy.seed, r, v))
-                    img = aug(img)
-                out.append(img)
-        return torch.stack(out)
+        """RandAugment of each augmented view: torchvision's per-image ``v2.RandAugment`` after
+        ``torch.manual_seed(view_seed(...))`` (what a store of scheme 2 records), its draws made from a generator
+        of this maker's and its ops applied a batch at a time (:class:`loading.BatchedRandAugment`)."""
+        if self._augment is None:
+            self._augment = BatchedRandAugment(*self.randaugment)
+        augmented = np.flatnonzero(views)
+        seeds = view_seeds(self.policy.seed, ids[augmented], views[augmented])
+        h, w = images.shape[-2:]
+        plans = []
+        for seed in seeds.tolist():
+            self._draws.manual_seed(seed)
+            plans.append(self._augment.plan(self._draws, h, w))
+        rows = torch.from_numpy(augmented)
+        out = images.clone()
+        out[rows] = self._augment.apply(images[rows], plans)
+        return out
 
     def source_padding(self, side: int) -> int:
         """``crop_padding`` (counted at the teacher's input size) in pixels of an image of ``side`` pixels."""
@@ -263,6 +296,23 @@ class ViewMaker:
                        "interpolation": _pil_interpolation(self.prep.interpolation)}
             augment = rand_augment_transform(f"rand-m{m}-n{n}", hparams)
         return clean, augment
+
+
+class ViewBatches(torch.utils.data.Dataset):
+    """Batches of views made by ``maker``, for a DataLoader in worker processes (or in this one): a key is one
+    batch, ``(ids, views, labels)`` as arrays, its item ``(inputs, labels, ids)`` as tensors; keys come one to a
+    batch (:meth:`collate` unwraps them). Each item is ``maker.inputs(ids, views)``, whichever process makes it."""
+
+    def __init__(self, maker: ViewMaker):
+        self.maker = maker
+
+    def __getitem__(self, key: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[torch.Tensor, ...]:
+        ids, views, labels = key
+        return self.maker.inputs(ids, views), torch.from_numpy(labels), torch.from_numpy(ids)
+
+    @staticmethod
+    def collate(items: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+        return items[0]
 
 
 def _pil_interpolation(name: str) -> int:

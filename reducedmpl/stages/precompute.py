@@ -8,13 +8,15 @@ Crash safety comes from the store (:mod:`reducedmpl.targets`): every shard is wr
 renamed only when complete, and the master is written last. Running the same command again after a crash keeps
 the complete shards of this exact job (same run key), recomputes the others and writes the master, which gives
 the same store as an uninterrupted run. Rows are written from a background thread, in blocks, while the teacher
-runs on the next batches.
+runs on the next batches; the inputs of stored views are rendered in ``data.num_workers`` DataLoader workers
+ahead of the teacher (:class:`ViewInputs`).
 """
 from __future__ import annotations
 
 import dataclasses
 import itertools
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +32,7 @@ from ..config import DataConfig, PrecomputeConfig, to_dict
 from ..data.loading import Batcher, Preprocess, default_preprocess
 from ..data.sources import Source, load_source
 from ..data.splits import Splits, make_splits
-from ..data.views import ViewMaker, ViewPolicy, make_policy
+from ..data.views import ViewBatches, ViewMaker, ViewPolicy, make_policy
 from ..engine.device import prepare_model, resolve_device
 from ..engine.evaluation import predict_logits
 from ..engine.interrupt import stop_point
@@ -274,25 +276,75 @@ def _prefetched(batcher: Batcher, pool: ThreadPoolExecutor) -> Iterator[tuple[to
         yield batch
 
 
-def view_logits(model: nn.Module, maker: ViewMaker, ids: np.ndarray, device: torch.device, cfg: PrecomputeConfig,
+class ViewInputs:
+    """The inputs of views 1..V-1 of the rows of each shard, in row order, made by ``maker`` in ``workers``
+    DataLoader processes (``data.num_workers``) ahead of use, or in this process with 0.
+
+    ``start(ids)`` sets the rows of a shard and ``take(n)`` gives the chunks of the next ``n`` of them: for every
+    batch of ``batch_size`` rows precompute runs, the keys (row, view) of its views in chunks of ``batch_size``
+    inputs, the same chunks with any worker count. The workers stay alive across shards; spawned, not forked, as
+    :func:`data.loading._folder_loader` explains."""
+
+    def __init__(self, maker: ViewMaker, batch_size: int, workers: int):
+        self.maker, self.batch_size, self.extra = maker, batch_size, maker.policy.views - 1
+        self._sampler = _Keys()
+        extra = {"persistent_workers": True, "prefetch_factor": 4, "multiprocessing_context": "spawn",
+                 "pin_memory": torch.cuda.is_available()} if workers > 0 else {}
+        batches = ViewBatches(maker)
+        self._loader = torch.utils.data.DataLoader(batches, batch_sampler=self._sampler, num_workers=workers,
+                                                   collate_fn=batches.collate, **extra)
+        self._chunks: Iterator | None = None
+
+    def _keys(self, ids: np.ndarray) -> Iterator[list]:
+        for b in range(0, len(ids), self.batch_size):
+            rows = np.asarray(ids[b:b + self.batch_size], np.int64)
+            keys = np.repeat(rows, self.extra), np.tile(np.arange(1, self.extra + 1), len(rows))
+            for s in range(0, len(keys[0]), self.batch_size):
+                chunk = keys[0][s:s + self.batch_size]
+                yield [(chunk, keys[1][s:s + self.batch_size], np.full(len(chunk), UNLABELED, np.int64))]
+
+    def start(self, ids: np.ndarray) -> None:
+        self._sampler.keys = list(self._keys(ids))
+        with warnings.catch_warnings():  # torch's advice on more workers than cores: the user chose the count
+            warnings.filterwarnings("ignore", message="This DataLoader will create")
+            self._chunks = iter(self._loader)
+
+    def take(self, n: int) -> Iterator[torch.Tensor]:
+        """The input chunks of the views of the next ``n`` rows (a batch of at most ``batch_size``)."""
+        for _ in range(-(-n * self.extra // self.batch_size)):
+            yield next(self._chunks)[0]
+
+
+class _Keys(torch.utils.data.Sampler):
+    """A fixed list of batch keys, set before each pass."""
+
+    def __init__(self):
+        self.keys: list = []
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __iter__(self):
+        return iter(self.keys)
+
+
+def view_logits(model: nn.Module, views: ViewInputs, n: int, device: torch.device, cfg: PrecomputeConfig,
                 amp: bool) -> np.ndarray:
-    """float32 (n, V-1, C): the teacher's logits on views 1..V-1 of rows ``ids``, run in batches of
-    ``cfg.batch_size`` inputs."""
-    extra = maker.policy.views - 1
-    keys = np.repeat(np.asarray(ids, np.int64), extra), np.tile(np.arange(1, extra + 1), len(ids))
-    chunks = ((maker.inputs(keys[0][s:s + cfg.batch_size], keys[1][s:s + cfg.batch_size]), None, None)
-              for s in range(0, len(keys[0]), cfg.batch_size))
+    """float32 (n, V-1, C): the teacher's logits on views 1..V-1 of the next ``n`` rows of ``views``."""
+    chunks = ((x, None, None) for x in views.take(n))
     out = [logits.numpy() for logits, _, _ in predict_logits(model, chunks, device, amp, cfg.channels_last)]
-    return np.concatenate(out).reshape(len(ids), extra, -1)
+    return np.concatenate(out).reshape(n, views.extra, -1)
 
 
 def compute_shard(model: nn.Module, batcher: Batcher | None, rows: Rows, start: int, stop: int, writer: ShardWriter,
                   pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor], device: torch.device, cfg: PrecomputeConfig,
-                  pred: np.ndarray, advance: Callable[[int], None], maker: ViewMaker | None = None) -> None:
+                  pred: np.ndarray, advance: Callable[[int], None], views: ViewInputs | None = None) -> None:
     """Teacher logits for rows ``start:stop`` into ``writer`` (and their top-1 class on view 0 into ``pred``), in
-    row order; with ``maker`` also on each row's augmented views."""
+    row order; with ``views`` also on each row's augmented views."""
     if batcher is None:  # an empty shard (more shards than rows)
         return
+    if views is not None:
+        views.start(rows.ids[start:stop])
     amp = cfg.amp and device.type == "cuda"
     pos = start
     write_pool, batch_pool = pools
@@ -306,8 +358,8 @@ def compute_shard(model: nn.Module, batcher: Batcher | None, rows: Rows, start: 
                 raise RuntimeError("batches came out of row order")  # a bug, never a user error
             logits = logits.numpy()
             pred[sl] = logits.argmax(axis=1)
-            views = () if maker is None else (view_logits(model, maker, rows.ids[sl], device, cfg, amp),)
-            out.add(rows.ids[sl], rows.labels[sl], rows.splits[sl], logits, *views)
+            extra = () if views is None else (view_logits(model, views, n, device, cfg, amp),)
+            out.add(rows.ids[sl], rows.labels[sl], rows.splits[sl], logits, *extra)
             pos += n
             advance(n)
             stop_point()  # a Ctrl-C stops here, between batches
@@ -442,7 +494,8 @@ def _compute(cfg: PrecomputeConfig, model: nn.Module, data: TeacherData, prep: P
     mine = todo[dist.rank::dist.world_size]  # the shards still to do, dealt out round the ranks
     model = prepare_model(model, device, cfg.channels_last)
     pred = np.zeros(len(rows), np.int64)
-    maker = ViewMaker(data.source, prep, ViewPolicy.from_dict(meta.view_policy)) if meta.views > 1 else None
+    views = ViewInputs(ViewMaker(data.source, prep, ViewPolicy.from_dict(meta.view_policy)), cfg.batch_size,
+                       data.config.num_workers) if meta.views > 1 else None
     todo_rows = sum(ranges[i][1] - ranges[i][0] for i in mine)
     with progress(disable=quiet) as bar, ThreadPoolExecutor(1) as write_pool, ThreadPoolExecutor(1) as batch_pool:
         task = bar.add_task("teacher logits", total=todo_rows, info="")
@@ -452,7 +505,7 @@ def _compute(cfg: PrecomputeConfig, model: nn.Module, data: TeacherData, prep: P
                               train=False, seed=0) if stop > start else None
             with ShardWriter(paths[i], meta, stop - start, i, len(paths), start) as writer:
                 compute_shard(model, batcher, rows, start, stop, writer, (write_pool, batch_pool), device, cfg, pred,
-                              lambda n: bar.update(task, advance=n, info=f"shard {i + 1}/{len(paths)}"), maker)
+                              lambda n: bar.update(task, advance=n, info=f"shard {i + 1}/{len(paths)}"), views)
     dist.barrier()  # every rank's shards are committed
     if dist.is_main:
         for i, path in enumerate(paths):
