@@ -471,7 +471,9 @@ def run(cfg: PrecomputeConfig, teacher: Teacher, out: str | Path | None = None, 
         console.release()
         if up_to_date:
             return {**result, "up_to_date": True, "seconds": time.perf_counter() - t0, "bytes": _bytes(out, paths)}
-        todo = [i for i, p in enumerate(paths) if not shard_is_complete(p, meta)]
+        # which shards are left is decided once, by rank 0, for every rank: a rank that looked for itself could
+        # see a shard another rank had already finished and deal the work out differently, leaving a shard undone
+        todo = dist.on_main(lambda: [i for i, p in enumerate(paths) if not shard_is_complete(p, meta)])
         if len(todo) < len(paths):
             console.print(f"resuming: {len(paths) - len(todo)} of {len(paths)} shards are already complete")
         if 0 < len(todo) < dist.world_size:
