@@ -159,8 +159,6 @@ def _hub_cfg(name: str, hub_id: str, revision: str | None) -> tuple[str, dict, d
 def resolve(name: str, weights: bool = True) -> Pretrained:
     """Find the pretrained weights of ``name`` in the Hub cache (fetching them unless offline); with ``weights``
     False only its configuration (architecture, model arguments), for a model trained from scratch."""
-    from .targets import file_sha256
-
     args: dict = {}
     if is_hub_name(name):
         repo, _, revision = name[len(HF_PREFIX):].partition("@")
@@ -177,7 +175,18 @@ def resolve(name: str, weights: bool = True) -> Pretrained:
         return Pretrained(name, arch, hub_id, revision or "", "", "", cfg, args)
     path = _weights_file(hub_id, revision, name, cfg.get("hf_hub_filename"))
     snapshot = Path(path).parent.name if Path(path).parent.parent.name == "snapshots" else (revision or "")
-    return Pretrained(name, arch, hub_id, snapshot, path, file_sha256(path), cfg, args)
+    stat = os.stat(path)
+    return Pretrained(name, arch, hub_id, snapshot, path, _sha256(os.path.realpath(path), stat.st_size,
+                                                                   stat.st_mtime_ns), cfg, args)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    """A weights file's sha256, hashed once per process for the same file, size and time (a `run` plans every stage,
+    then each stage resolves its model again)."""
+    from .targets import file_sha256
+
+    return file_sha256(path)
 
 
 def create_pretrained(weights: Pretrained, num_classes: int, in_chans: int, input_size: int | None = None,
