@@ -161,29 +161,30 @@ def resolve(name: str, weights: bool = True) -> Pretrained:
     False only its configuration (architecture, model arguments), for a model trained from scratch."""
     args: dict = {}
     if is_hub_name(name):
-        repo, _, revision = name[len(HF_PREFIX):].partition("@")
+        repo, _, rev = name[len(HF_PREFIX):].partition("@")
         if repo.count("/") != 1 or not all(repo.split("/")):
             raise ConfigError(f"model {name!r} is not of the form hf-hub:ORG/NAME", "e.g. hf-hub:timm/resnet18.a1_in1k")
-        arch, cfg, args = _hub_cfg(name, repo, revision or None)
-        hub_id, revision = repo, (revision or None)
+        arch, cfg, args = _hub_cfg(name, repo, rev or None)
     else:
         arch, cfg = _registry_cfg(name)
-        hub_id, revision = cfg["hf_hub_id"], None
-        hub_id, _, rev = hub_id.partition("@")
-        revision = rev or None
+        repo, _, rev = cfg["hf_hub_id"].partition("@")
+    hub_id, revision = repo, (rev or None)
     if not weights:
         return Pretrained(name, arch, hub_id, revision or "", "", "", cfg, args)
     path = _weights_file(hub_id, revision, name, cfg.get("hf_hub_filename"))
     snapshot = Path(path).parent.name if Path(path).parent.parent.name == "snapshots" else (revision or "")
+    return Pretrained(name, arch, hub_id, snapshot, path, file_digest(path), cfg, args)
+
+
+def file_digest(path: str | Path) -> str:
+    """A weights file's sha256, hashed once per process for the same file, size and modification time (a `run`
+    plans every stage, then each stage resolves its model again)."""
     stat = os.stat(path)
-    return Pretrained(name, arch, hub_id, snapshot, path, _sha256(os.path.realpath(path), stat.st_size,
-                                                                   stat.st_mtime_ns), cfg, args)
+    return _sha256(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=64)
 def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    """A weights file's sha256, hashed once per process for the same file, size and time (a `run` plans every stage,
-    then each stage resolves its model again)."""
     from .targets import file_sha256
 
     return file_sha256(path)

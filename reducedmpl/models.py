@@ -88,10 +88,10 @@ class ModelSource:
         if self.weights is not None:
             return self.weights.record()
         if self.init.startswith("checkpoint:"):
-            from .targets import file_sha256
+            from .hub import file_digest
 
             path = Path(self.init.split(":", 1)[1])
-            return {"source": "checkpoint", "file": str(path), "sha256": file_sha256(path) if path.is_file() else None}
+            return {"source": "checkpoint", "file": str(path), "sha256": file_digest(path) if path.is_file() else None}
         return {"source": "scratch"}
 
 

@@ -89,10 +89,8 @@ def model_preprocess(data_prep: Preprocess, data_input_size: int | None, own: di
     setting (``own``, None where unset), else (the input size) ``data.input_size`` when set, else the model's
     pretrained configuration, else the data's."""
     pre = dict(pretrained_cfg or {})
-    if pre.get("interpolation") not in INTERPOLATIONS:
-        pre.pop("interpolation", None)  # e.g. lanczos: the nearest kind these batches make
-        if pretrained_cfg and pretrained_cfg.get("interpolation"):
-            pre["interpolation"] = "bicubic"
+    if pre.get("interpolation") and pre["interpolation"] not in INTERPOLATIONS:
+        pre["interpolation"] = "bicubic"  # e.g. lanczos: the nearest kind these batches make
     size = pre.get("input_size")
     size = int(size[-1]) if isinstance(size, (list, tuple)) and size else None
 

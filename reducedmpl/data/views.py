@@ -265,6 +265,7 @@ class ViewMaker:
         """One encoded image's view: view 0 through the evaluation transform with the teacher's crop; an augmented
         view's region cropped and resized in one step, flipped, then RandAugment seeded by the view."""
         from PIL import Image
+        from timm.data.transforms import str_to_pil_interp
         from torchvision.transforms.functional import pil_to_tensor
 
         if self._transforms is None:  # made once, on first use (also in a worker)
@@ -273,7 +274,7 @@ class ViewMaker:
         if view == 0:
             return match_channels(self._transforms[0](img)[None], self.prep.in_chans)[0]
         box, flip = self.folder_region(row, view, *img.size)
-        size, interp = self.prep.input_size, _pil_interpolation(self.prep.interpolation)
+        size, interp = self.prep.input_size, str_to_pil_interp(self.prep.interpolation)
         img = img.resize((size, size), interp, box=box)
         if flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -286,14 +287,14 @@ class ViewMaker:
     def _folder_transforms(self) -> tuple[Any, Any]:
         """(view 0's evaluation transform at the teacher's crop, RandAugment at this size or None)."""
         from timm.data.auto_augment import rand_augment_transform
+        from timm.data.transforms import str_to_pil_interp
 
-        clean = folder_transform(Preprocess(self.prep.in_chans, self.prep.input_size, self.prep.mean, self.prep.std,
-                                            self.policy.crop_pct, self.prep.interpolation), False, None, False)
+        clean = folder_transform(dataclasses.replace(self.prep, crop_pct=self.policy.crop_pct), False, None, False)
         augment = None
         if self.randaugment is not None:
             m, n = self.randaugment
             hparams = {"translate_const": int(self.prep.input_size * 0.45), "img_mean": self.policy.fill,
-                       "interpolation": _pil_interpolation(self.prep.interpolation)}
+                       "interpolation": str_to_pil_interp(self.prep.interpolation)}
             augment = rand_augment_transform(f"rand-m{m}-n{n}", hparams)
         return clean, augment
 
@@ -313,9 +314,3 @@ class ViewBatches(torch.utils.data.Dataset):
     @staticmethod
     def collate(items: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
         return items[0]
-
-
-def _pil_interpolation(name: str) -> int:
-    from PIL import Image
-
-    return {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[name]
