@@ -130,6 +130,17 @@ def data_dict(args) -> dict:
             "labeled_per_class": args.labels_per_class}
 
 
+def shared_dir(args) -> Path:
+    """Where the large teacher (``large/``) and its stores (``targets*/``) are kept: ``--shared``, else ``--out``."""
+    return Path(args.shared or args.out)
+
+
+def teacher_labels(args) -> int | None:
+    """Labels per class the large teacher trains on (None: every training row is labeled)."""
+    t = args.teacher_labels_per_class
+    return None if t == "all" else int(t) if t is not None else args.labels_per_class
+
+
 def targets_path(out: Path, views: int) -> Path:
     return out / ("targets" if views <= 1 else f"targets-views{views}") / "targets.h5"
 
@@ -143,10 +154,11 @@ def teacher_and_targets(args, views: int = 1) -> Path:
     from reducedmpl.stages import precompute, train_large
 
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    out = shared_dir(args)
     console = Console(stderr=True)
     tdir = out / "large"
-    teacher_data = {**data_dict(args), "labeled_per_class": args.teacher_labels_per_class or args.labels_per_class}
+    teacher_data = {**data_dict(args), "labeled_per_class": teacher_labels(args),
+                    "randaugment": args.teacher_randaugment}
     if not (tdir / "teacher.pt").exists():
         cfg = TrainLargeConfig(data=DataConfig(**teacher_data), model=args.teacher_model,
                                epochs=args.teacher_epochs, batch_size=args.teacher_batch,
@@ -189,9 +201,9 @@ def distill_one(args_dict: dict, spec: str, seed: int) -> dict:
         return json.loads(result_path.read_text())
     kw = {"steps": args.steps, "seed": seed, "device": "cpu", "eval_every": args.eval_every,
           "log_every": 10, "checkpoint_every": 10**9, "student": args.student, **parse_variant(spec)}
-    targets = str(targets_path(Path(args.out), int(kw.pop("views", 1))))
+    targets = str(targets_path(shared_dir(args), int(kw.pop("views", 1))))
     if kw["mode"] == "online-kd":
-        kw["large_teacher"] = str(Path(args.out) / "large" / "teacher.pt")
+        kw["large_teacher"] = str(shared_dir(args) / "large" / "teacher.pt")
     cfg = from_dict(DistillConfig, kw, "distill")
     cfg.validate()
     return distill.run(cfg, targets, run_dir, overwrite=True, console=Console(stderr=True), quiet=True)
@@ -257,7 +269,7 @@ def build_report(args, results: dict[str, dict[int, dict]], command: str, elapse
     lines = [f"# Quality benchmark: {args.data}, {args.labels_per_class} labels/class, "
              f"test {args.test_size} / val {args.val_size}, student {', '.join(students)}, {args.steps} steps", "",
              f"Large teacher: {args.teacher_model}, {args.teacher_epochs} epochs on "
-             f"{args.teacher_labels_per_class or args.labels_per_class} labels per class "
+             f"{teacher_labels(args) or 'all'} labels per class "
              f"(val {100 * args._teacher['val_acc']:.2f} %"
              + ("" if args.hide_test else f", test {100 * args._teacher['test_acc']:.2f} %") + ").", "",
              "| variant | test acc % (mean ± std) | val acc % (mean ± std) | paired Δ to kd (pts) "
@@ -319,13 +331,18 @@ def main() -> None:
     p.add_argument("--val-size", type=int, default=1000)
     p.add_argument("--labels-per-class", type=int, default=10)
     p.add_argument("--teacher-model", default="resnet18")
-    p.add_argument("--teacher-labels-per-class", type=int, default=None,
-                   help="labels per class for the teacher (default: the student's); more makes a stronger teacher")
+    p.add_argument("--teacher-labels-per-class", type=lambda v: v if v == "all" else int(v), default=None,
+                   help="labels per class for the teacher (default: the student's), or `all` (every training row); "
+                        "more makes a stronger teacher")
     p.add_argument("--teacher-epochs", type=int, default=40)
     p.add_argument("--teacher-batch", type=int, default=25)
     p.add_argument("--teacher-lr", type=float, default=1e-3)
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--student", default="test_resnet", help="the student of every variant that names none")
+    p.add_argument("--shared", default=None, help="folder of the large teacher and its stores, shared by several "
+                                                  "--out folders (default: --out)")
+    p.add_argument("--teacher-randaugment", default=None,
+                   help="e.g. rand-m9-n2: train the large teacher with RandAugment (a teacher robust to the views)")
     p.add_argument("--randaugment", default=None, help="e.g. rand-m9-n2: the student's augmentation and the stored "
                                                        "views' (use its own --out)")
     p.add_argument("--eval-every", type=int, default=250)
@@ -354,7 +371,7 @@ def main() -> None:
         teacher_and_targets(args, views)
     import torch
 
-    args._teacher = torch.load(out / "large" / "teacher.pt", weights_only=True)["metrics"]
+    args._teacher = torch.load(shared_dir(args) / "large" / "teacher.pt", weights_only=True)["metrics"]
 
     jobs = [(spec, s) for spec in args.variants for s in args.seeds]
     results: dict[str, dict[int, dict]] = {spec: {} for spec in args.variants}
