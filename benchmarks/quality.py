@@ -176,8 +176,8 @@ def teacher_and_targets(args, views: int = 1) -> Path:
         # the student's split (a teacher given more labels sees some of the student's unlabeled rows with their
         # labels: the "large, accurate teacher" case; val and test stay out of both)
         student_data = {**base["data"], "labeled_per_class": args.labels_per_class}
-        if args.randaugment:  # the student's augmentation, and the policy of the stored views
-            student_data["randaugment"] = args.randaugment
+        # the student's augmentation and the policy of the stored views (not the teacher's --teacher-randaugment)
+        student_data["randaugment"] = args.randaugment
         cfg = PrecomputeConfig(data=DataConfig(**student_data), dtype="float32", device="cpu", views=views)
         cfg.validate()
         r = precompute.run(cfg, teacher, targets, overwrite=True, console=console, quiet=True)
