@@ -185,7 +185,7 @@ def view_replay(cfg: DistillConfig, data: DataSetup, store: TargetStore, needs: 
     targets, and ``replay_views`` on; else None (the student's own augmentation, the clean view's targets)."""
     if store.views <= 1 or not cfg.replay_views or not needs & {LABELED_TARGETS, UNLABELED_TARGETS}:
         return None
-    return ViewMaker(data.source, data.prep, ViewPolicy.from_dict(store.meta.view_policy))
+    return ViewMaker(data.source, data.prep, ViewPolicy.from_dict(store.meta.view_policy), store.ids)
 
 
 def load_large_teacher(cfg: DistillConfig, data: DataSetup, device: torch.device) -> LargeTeacher:
