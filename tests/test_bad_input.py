@@ -1299,6 +1299,49 @@ def tl_resume_checkpoint_of_another_run(tmp: Path, fx: Fx) -> Case:
                 unchanged=[run / "last.pt"])
 
 
+# 7. function matching: mixed views and the online mix
+def pc_view_mix_with_one_view(tmp: Path, fx: Fx) -> Case:
+    out, stores = pc_out(tmp)
+    return Case(["precompute", "--teacher", fx.teacher, "--views", "1", "--view-mix", "mixup", "--out", out,
+                 "--quiet"], ("view_mix=mixup (--view-mix) mixes augmented views", "--views 2 or more"),
+                stores=stores)
+
+
+def pc_mix_alpha_zero(tmp: Path, fx: Fx) -> Case:
+    out, stores = pc_out(tmp)
+    return Case(["precompute", "--teacher", fx.teacher, "--views", "2", "--view-mix", "mixup", "--mix-alpha", "0",
+                 "--out", out, "--quiet"], ("precompute.mix_alpha must be a finite number > 0", "fix the value"),
+                stores=stores)
+
+
+def pc_mix_alpha_not_finite(tmp: Path, fx: Fx) -> Case:
+    out, stores = pc_out(tmp)
+    return Case(["precompute", "--teacher", fx.teacher, "--views", "2", "--view-mix", "mixup", "--mix-alpha", "nan",
+                 "--out", out, "--quiet"], ("precompute.mix_alpha must be a finite number > 0", "fix the value"),
+                stores=stores)
+
+
+def pc_unknown_view_mix(tmp: Path, fx: Fx) -> Case:
+    out, stores = pc_out(tmp)
+    return Case(["precompute", "--teacher", fx.teacher, "--views", "2", "--view-mix", "cutmix", "--out", out,
+                 "--quiet"], ("precompute.view_mix must be one of none, mixup", "use one of the listed values"),
+                stores=stores)
+
+
+def di_online_mix_without_online_kd(tmp: Path, fx: Fx) -> Case:
+    out, bad = di_out(tmp)
+    return Case(["distill", "--targets", tmp / "t.h5", "--mode", "kd", "--set", "distill.online_mix=mixup",
+                 "--out", out], ("distill.online_mix mixes the batches the large teacher sees", "--mode online-kd"),
+                bad)
+
+
+def di_online_mix_alpha_infinite(tmp: Path, fx: Fx) -> Case:
+    out, bad = di_out(tmp)
+    return Case(["distill", "--targets", tmp / "t.h5", "--mode", "online-kd", "--set", "distill.online_mix=mixup",
+                 "--set", "distill.mix_alpha=.inf", "--out", out],
+                ("distill.mix_alpha must be a finite number > 0", "fix the value"), bad)
+
+
 THIRD_ROUND: list[Callable[[Path, Fx], Case]] = [
     di_online_kd_nan_teacher, ex_nan_onnx, ex_nan_safetensors, pc_nan_teacher, ex_unwritable_torchscript,
     ex_unwritable_safetensors, ex_unwritable_onnx, pc_unwritable, tl_unwritable, tl_resume_random_bytes,
@@ -1306,7 +1349,8 @@ THIRD_ROUND: list[Callable[[Path, Fx], Case]] = [
     tl_npz_huge_label, tl_npz_negative_label, pc_more_shards_than_rows, ex_batch_too_large,
     di_augmentation_over_stored_views, di_online_kd_other_teacher, ex_opset_on_torchscript, ex_out_is_the_artifact,
     pc_out_is_the_teacher, tl_init_is_the_output, ex_opset_no_exporter_writes, pc_teacher_is_a_store,
-    tl_resume_checkpoint_of_another_run,
+    tl_resume_checkpoint_of_another_run, pc_view_mix_with_one_view, pc_mix_alpha_zero, pc_mix_alpha_not_finite,
+    pc_unknown_view_mix, di_online_mix_without_online_kd, di_online_mix_alpha_infinite,
 ]
 
 
