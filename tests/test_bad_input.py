@@ -1342,6 +1342,21 @@ def di_online_mix_alpha_infinite(tmp: Path, fx: Fx) -> Case:
                 ("distill.mix_alpha must be a finite number > 0", "fix the value"), bad)
 
 
+def di_mixed_views_of_other_rows(tmp: Path, fx: Fx) -> Case:
+    """A mixed store whose recorded partner pool is not the rows it holds (here: its policy edited) is refused
+    before the run starts: its views could not be rebuilt."""
+    master = tmp / "store" / "targets.h5"
+    cli("precompute", "--teacher", fx.teacher, "--out", master, "--views", "2", "--view-mix", "mixup", "--splits",
+        "labeled,unlabeled", "--quiet")
+    for path in [master, *shards_of(master)]:
+        with h5py.File(path, "r+") as f:
+            policy = json.loads(f.attrs["view_policy"])
+            f.attrs["view_policy"] = json.dumps({**policy, "pool_rows": policy["pool_rows"] + 1}, sort_keys=True)
+    out, bad = di_out(tmp)
+    return Case(_distill(master, out), ("partner rows of the store's mixed views", "rerun `reducedmpl precompute`"),
+                [out, *bad])
+
+
 THIRD_ROUND: list[Callable[[Path, Fx], Case]] = [
     di_online_kd_nan_teacher, ex_nan_onnx, ex_nan_safetensors, pc_nan_teacher, ex_unwritable_torchscript,
     ex_unwritable_safetensors, ex_unwritable_onnx, pc_unwritable, tl_unwritable, tl_resume_random_bytes,
@@ -1350,7 +1365,7 @@ THIRD_ROUND: list[Callable[[Path, Fx], Case]] = [
     di_augmentation_over_stored_views, di_online_kd_other_teacher, ex_opset_on_torchscript, ex_out_is_the_artifact,
     pc_out_is_the_teacher, tl_init_is_the_output, ex_opset_no_exporter_writes, pc_teacher_is_a_store,
     tl_resume_checkpoint_of_another_run, pc_view_mix_with_one_view, pc_mix_alpha_zero, pc_mix_alpha_not_finite,
-    pc_unknown_view_mix, di_online_mix_without_online_kd, di_online_mix_alpha_infinite,
+    pc_unknown_view_mix, di_online_mix_without_online_kd, di_online_mix_alpha_infinite, di_mixed_views_of_other_rows,
 ]
 
 
