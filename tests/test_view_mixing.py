@@ -118,9 +118,8 @@ def test_mixed_replay_is_the_same_with_workers() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-@pytest.fixture(scope="module")
-def mixed_store(tiny_teacher, tmp_path_factory):
-    """A 3-view mixup store (float32) of the tiny teacher, and every input the teacher ran on for views 1..2."""
+def precompute_recording(*args) -> dict[tuple[int, int], torch.Tensor]:
+    """Run ``precompute ARGS`` in this process; returns every view input the teacher ran on, by (row, view)."""
     seen: dict[tuple[int, int], torch.Tensor] = {}
     original = views_mod.ViewMaker.inputs
 
@@ -130,14 +129,21 @@ def mixed_store(tiny_teacher, tmp_path_factory):
             seen[(r, v)] = x[i].clone()
         return x
 
-    out = tmp_path_factory.mktemp("mixed") / "targets.h5"
     mp = pytest.MonkeyPatch()
     mp.setattr(views_mod.ViewMaker, "inputs", recording)
     try:
-        cli("precompute", "--teacher", tiny_teacher, "--out", out, "--dtype", "float32", "--views", "3",
-            "--view-mix", "mixup", "--mix-alpha", "0.5", "--batch-size", "50", "--quiet")
+        cli("precompute", *args)
     finally:
         mp.undo()
+    return seen
+
+
+@pytest.fixture(scope="module")
+def mixed_store(tiny_teacher, tmp_path_factory):
+    """A 3-view mixup store (float32) of the tiny teacher, and every input the teacher ran on for views 1..2."""
+    out = tmp_path_factory.mktemp("mixed") / "targets.h5"
+    seen = precompute_recording("--teacher", tiny_teacher, "--out", out, "--dtype", "float32", "--views", "3",
+                                "--view-mix", "mixup", "--mix-alpha", "0.5", "--batch-size", "50", "--quiet")
     return out, seen
 
 
@@ -171,8 +177,8 @@ def test_distill_rebuilds_the_mixed_inputs_bit_for_bit(tiny_teacher, mixed_store
 
 
 def test_folder_mixed_views_are_rebuilt_exactly(tmp_path: Path) -> None:
-    """An image folder's mixed views: the teacher's logits stored on exactly the inputs the distill batcher (in
-    this process and in a worker) rebuilds."""
+    """An image folder's mixed views: the distill batcher (in this process and in a worker) rebuilds the very
+    inputs the teacher ran on, and the stored logits are the teacher's on them."""
     import timm
 
     from test_folder_loading import RANDAUG, write_folder
@@ -188,10 +194,10 @@ def test_folder_mixed_views_are_rebuilt_exactly(tmp_path: Path) -> None:
     weights = tmp_path / "w.pt"
     torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), weights)
     out = tmp_path / "store" / "targets.h5"
-    cli("precompute", "--model", "test_resnet", "--checkpoint", weights, "--data", f"folder:{root}", "--set",
-        "data.val_size=0", "--set", "data.test_size=0", "--set", "data.input_size=16", "--set",
-        f"data.randaugment={RANDAUG}", "--splits", "labeled", "--views", "3", "--view-mix", "mixup",
-        "--dtype", "float32", "--out", out, "--quiet")
+    seen = precompute_recording(
+        "--model", "test_resnet", "--checkpoint", weights, "--data", f"folder:{root}", "--set", "data.val_size=0",
+        "--set", "data.test_size=0", "--set", "data.input_size=16", "--set", f"data.randaugment={RANDAUG}",
+        "--splits", "labeled", "--views", "3", "--view-mix", "mixup", "--dtype", "float32", "--out", out, "--quiet")
     with TargetStore.open(out) as store:
         policy = ViewPolicy.from_dict(store.meta.view_policy)
         assert policy.kind == "folder" and policy.view_mix == "mixup"
@@ -207,6 +213,8 @@ def test_folder_mixed_views_are_rebuilt_exactly(tmp_path: Path) -> None:
         model.load_state_dict(torch.load(weights, weights_only=True))
         for (xa, ia, va), (xb, ib, _) in zip(main, replayed(1)):
             assert torch.equal(ia, ib) and torch.equal(xa, xb)
+            for x, r, v in zip(xa, ia.tolist(), va.tolist()):
+                assert not v or torch.equal(x, seen[(r, v)]), (r, v)
             with torch.no_grad():
                 logits = model.eval()(xa).numpy()
             np.testing.assert_allclose(store.logits(ia.numpy(), views=va), logits, rtol=1e-4, atol=1e-4)
