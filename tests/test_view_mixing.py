@@ -11,16 +11,23 @@ import torch
 import torch.nn.functional as F
 
 from conftest import cli
-from test_views import POLICY, _maker
+from test_views import POLICY, precompute_recording
 
-from reducedmpl.data import views as views_mod
 from reducedmpl.data.loading import Batcher
-from reducedmpl.data.views import (ViewMaker, ViewPolicy, batch_mixup, beta_draws, make_policy, mix_partners,
-                                   mixup, partner_seed, pool_digest)
+from reducedmpl.data.views import (ViewMaker, ViewPolicy, batch_mixup, beta_draws, mix_partners, mixup,
+                                   partner_seed, pool_digest)
 from reducedmpl.errors import ArtifactError
 from reducedmpl.targets import TargetStore
 
 CPU = torch.device("cpu")
+
+
+def digits_maker(policy: dict, pool: np.ndarray | None = None):
+    from reducedmpl.config import DataConfig
+    from reducedmpl.data.setup import setup_data
+
+    data = setup_data(DataConfig(source="digits"))
+    return ViewMaker(data.source, data.prep, ViewPolicy.from_dict(policy), pool), data
 
 
 def mixed_policy(pool: np.ndarray, **over) -> dict:
@@ -77,7 +84,7 @@ def test_policy_round_trip_and_old_policies_read_unmixed() -> None:
 def test_a_mixed_view_is_lam_a_plus_one_minus_lam_b() -> None:
     """View v >= 1 of row i is lam * (row i's view v) + (1 - lam) * (partner j's view v from the partner stream);
     view 0 is clean; any batch, any order; the pool must be the one the policy records."""
-    plain, data = _maker({**POLICY, "hflip": True, "randaugment": "rand-m9-n2"})
+    plain, data = digits_maker({**POLICY, "hflip": True, "randaugment": "rand-m9-n2"})
     pool = np.arange(len(data.source))
     maker = ViewMaker(data.source, data.prep, ViewPolicy.from_dict(mixed_policy(pool, **{
         "hflip": True, "randaugment": "rand-m9-n2"})), pool)
@@ -102,7 +109,7 @@ def test_mixed_replay_is_the_same_with_workers() -> None:
     """Mixed views of an array source replayed in 2 spawned DataLoader workers give the batches made here."""
     from reducedmpl.config import DataConfig
 
-    _, data = _maker(POLICY)
+    _, data = digits_maker(POLICY)
     rows = np.arange(256)
     maker = ViewMaker(data.source, data.prep, ViewPolicy.from_dict(mixed_policy(rows, views=8)), rows)
 
@@ -118,26 +125,6 @@ def test_mixed_replay_is_the_same_with_workers() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-def precompute_recording(*args) -> dict[tuple[int, int], torch.Tensor]:
-    """Run ``precompute ARGS`` in this process; returns every view input the teacher ran on, by (row, view)."""
-    seen: dict[tuple[int, int], torch.Tensor] = {}
-    original = views_mod.ViewMaker.inputs
-
-    def recording(self, ids, views):
-        x = original(self, ids, views)
-        for i, (r, v) in enumerate(zip(np.asarray(ids).tolist(), np.asarray(views).tolist())):
-            seen[(r, v)] = x[i].clone()
-        return x
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(views_mod.ViewMaker, "inputs", recording)
-    try:
-        cli("precompute", *args)
-    finally:
-        mp.undo()
-    return seen
-
-
 @pytest.fixture(scope="module")
 def mixed_store(tiny_teacher, tmp_path_factory):
     """A 3-view mixup store (float32) of the tiny teacher, and every input the teacher ran on for views 1..2."""

@@ -249,9 +249,8 @@ def test_array_replay_is_the_same_with_workers(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-@pytest.fixture(scope="module")
-def recorded_views(tiny_teacher, tmp_path_factory):
-    """A 4-view float32 store of the tiny teacher, and every input the teacher ran on for views 1..3."""
+def precompute_recording(*args) -> dict[tuple[int, int], torch.Tensor]:
+    """Run ``precompute ARGS`` in this process; returns every view input the teacher ran on, by (row, view)."""
     seen: dict[tuple[int, int], torch.Tensor] = {}
     original = views_mod.ViewMaker.inputs
 
@@ -261,14 +260,21 @@ def recorded_views(tiny_teacher, tmp_path_factory):
             seen[(r, v)] = x[i].clone()
         return x
 
-    out = tmp_path_factory.mktemp("views") / "targets.h5"
     mp = pytest.MonkeyPatch()
     mp.setattr(views_mod.ViewMaker, "inputs", recording)
     try:
-        cli("precompute", "--teacher", tiny_teacher, "--out", out, "--dtype", "float32", "--views", "4",
-            "--batch-size", "50", "--quiet")
+        cli("precompute", *args)
     finally:
         mp.undo()
+    return seen
+
+
+@pytest.fixture(scope="module")
+def recorded_views(tiny_teacher, tmp_path_factory):
+    """A 4-view float32 store of the tiny teacher, and every input the teacher ran on for views 1..3."""
+    out = tmp_path_factory.mktemp("views") / "targets.h5"
+    seen = precompute_recording("--teacher", tiny_teacher, "--out", out, "--dtype", "float32", "--views", "4",
+                                "--batch-size", "50", "--quiet")
     return out, seen
 
 
