@@ -1300,32 +1300,27 @@ def tl_resume_checkpoint_of_another_run(tmp: Path, fx: Fx) -> Case:
 
 
 # 7. function matching: mixed views and the online mix
-def pc_view_mix_with_one_view(tmp: Path, fx: Fx) -> Case:
+def _pc_mix(tmp: Path, fx: Fx, views: str, mix: str, alpha: str, *fragments: str) -> Case:
     out, stores = pc_out(tmp)
-    return Case(["precompute", "--teacher", fx.teacher, "--views", "1", "--view-mix", "mixup", "--out", out,
-                 "--quiet"], ("view_mix=mixup (--view-mix) mixes augmented views", "--views 2 or more"),
-                stores=stores)
+    return Case(["precompute", "--teacher", fx.teacher, "--views", views, "--view-mix", mix, "--mix-alpha", alpha,
+                 "--out", out, "--quiet"], fragments, stores=stores)
+
+
+def pc_view_mix_with_one_view(tmp: Path, fx: Fx) -> Case:
+    return _pc_mix(tmp, fx, "1", "mixup", "1", "view_mix=mixup (--view-mix) mixes augmented views", "--views 2 or more")
 
 
 def pc_mix_alpha_zero(tmp: Path, fx: Fx) -> Case:
-    out, stores = pc_out(tmp)
-    return Case(["precompute", "--teacher", fx.teacher, "--views", "2", "--view-mix", "mixup", "--mix-alpha", "0",
-                 "--out", out, "--quiet"], ("precompute.mix_alpha must be a finite number > 0", "fix the value"),
-                stores=stores)
+    return _pc_mix(tmp, fx, "2", "mixup", "0", "precompute.mix_alpha must be a finite number > 0", "fix the value")
 
 
 def pc_mix_alpha_not_finite(tmp: Path, fx: Fx) -> Case:
-    out, stores = pc_out(tmp)
-    return Case(["precompute", "--teacher", fx.teacher, "--views", "2", "--view-mix", "mixup", "--mix-alpha", "nan",
-                 "--out", out, "--quiet"], ("precompute.mix_alpha must be a finite number > 0", "fix the value"),
-                stores=stores)
+    return _pc_mix(tmp, fx, "2", "mixup", "nan", "precompute.mix_alpha must be a finite number > 0", "fix the value")
 
 
 def pc_unknown_view_mix(tmp: Path, fx: Fx) -> Case:
-    out, stores = pc_out(tmp)
-    return Case(["precompute", "--teacher", fx.teacher, "--views", "2", "--view-mix", "cutmix", "--out", out,
-                 "--quiet"], ("precompute.view_mix must be one of none, mixup", "use one of the listed values"),
-                stores=stores)
+    return _pc_mix(tmp, fx, "2", "cutmix", "1", "precompute.view_mix must be one of none, mixup",
+                   "use one of the listed values")
 
 
 def di_online_mix_without_online_kd(tmp: Path, fx: Fx) -> Case:
