@@ -16,7 +16,9 @@ Variants are a base name with optional DistillConfig overrides, ``NAME[:key=valu
     exact        reducedmpl, soft pseudo labels, exact first-order teacher gradient
 
 A variant option ``views=K`` distills from a store of K views per row (``precompute --views K``: the clean input
-and K-1 augmented ones), replaying a stored view for every drawn row; the store is computed once per K.
+and K-1 augmented ones), replaying a stored view for every drawn row; the store is computed once per K. With
+``view_mix=mixup`` beside it the K-1 augmented views are mixup images (``precompute --view-mix mixup``: function
+matching), stored once per K in their own folder; ``online-kd:online_mix=mixup`` is the online anchor of those.
 
 The table reports mean ± std (sample std) over seeds of test and val accuracy, and the per-seed paired
 difference of test accuracy to ``kd``, to ``online-kd`` (when run) and, for a reducedmpl variant with
@@ -141,12 +143,14 @@ def teacher_labels(args) -> int | None:
     return None if t == "all" else int(t) if t is not None else args.labels_per_class
 
 
-def targets_path(out: Path, views: int) -> Path:
-    return out / ("targets" if views <= 1 else f"targets-views{views}") / "targets.h5"
+def targets_path(out: Path, views: int, view_mix: str = "none") -> Path:
+    mixed = "" if view_mix == "none" else f"-{view_mix}"
+    return out / ("targets" if views <= 1 else f"targets-views{views}{mixed}") / "targets.h5"
 
 
-def teacher_and_targets(args, views: int = 1) -> Path:
-    """Train the large teacher and store its targets (``views`` per row), once; returns the targets path."""
+def teacher_and_targets(args, views: int = 1, view_mix: str = "none") -> Path:
+    """Train the large teacher and store its targets (``views`` per row, mixed by ``view_mix``), once; returns the
+    targets path."""
     import torch
     from rich.console import Console
 
@@ -169,7 +173,7 @@ def teacher_and_targets(args, views: int = 1) -> Path:
         r = train_large.run(cfg, tdir, overwrite=True, console=console, quiet=True)
         console.print(f"large teacher {args.teacher_model}: val {r['val_acc']:.4f} test {r['test_acc']:.4f} "
                       f"({time.perf_counter() - t0:.0f} s)")
-    targets = targets_path(out, views)
+    targets = targets_path(out, views, view_mix)
     if not targets.exists():
         teacher = precompute.open_teacher(tdir / "teacher.pt")
         base = precompute.config_base(teacher)
@@ -178,7 +182,8 @@ def teacher_and_targets(args, views: int = 1) -> Path:
         student_data = {**base["data"], "labeled_per_class": args.labels_per_class}
         # the student's augmentation and the policy of the stored views (not the teacher's --teacher-randaugment)
         student_data["randaugment"] = args.randaugment
-        cfg = PrecomputeConfig(data=DataConfig(**student_data), dtype="float32", device="cpu", views=views)
+        cfg = PrecomputeConfig(data=DataConfig(**student_data), dtype="float32", device="cpu", views=views,
+                               view_mix=view_mix)
         cfg.validate()
         r = precompute.run(cfg, teacher, targets, overwrite=True, console=console, quiet=True)
         console.print(precompute.summary_line(r))
@@ -201,7 +206,7 @@ def distill_one(args_dict: dict, spec: str, seed: int) -> dict:
         return json.loads(result_path.read_text())
     kw = {"steps": args.steps, "seed": seed, "device": "cpu", "eval_every": args.eval_every,
           "log_every": 10, "checkpoint_every": 10**9, "student": args.student, **parse_variant(spec)}
-    targets = str(targets_path(shared_dir(args), int(kw.pop("views", 1))))
+    targets = str(targets_path(shared_dir(args), int(kw.pop("views", 1)), str(kw.pop("view_mix", "none"))))
     if kw["mode"] == "online-kd":
         kw["large_teacher"] = str(shared_dir(args) / "large" / "teacher.pt")
     cfg = from_dict(DistillConfig, kw, "distill")
@@ -367,8 +372,9 @@ def main() -> None:
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for views in sorted({int(parse_variant(spec).get("views", 1)) for spec in args.variants} | {1}):
-        teacher_and_targets(args, views)
+    stores = {(int(v.get("views", 1)), str(v.get("view_mix", "none"))) for v in map(parse_variant, args.variants)}
+    for views, view_mix in sorted(stores | {(1, "none")}):
+        teacher_and_targets(args, views, view_mix)
     import torch
 
     args._teacher = torch.load(shared_dir(args) / "large" / "teacher.pt", weights_only=True)["metrics"]

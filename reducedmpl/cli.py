@@ -261,6 +261,11 @@ def precompute(
     views: Annotated[Optional[int], typer.Option(
         "--views", help="Views per row: the clean input plus VIEWS-1 augmented ones (the data's training "
                         "augmentation, seeded per row and view), each with its own stored targets.")] = None,
+    view_mix: Annotated[Optional[str], typer.Option(
+        "--view-mix", help="none, or mixup: each augmented view mixed with a partner row's (function "
+                           "matching).")] = None,
+    mix_alpha: Annotated[Optional[float], typer.Option(
+        "--mix-alpha", help="The mixup weight ~ Beta(ALPHA, ALPHA) (default 1: uniform).")] = None,
     temperature: Annotated[Optional[float], typer.Option(
         "--temperature", help="Recorded in the store; readers divide the logits by it.")] = None,
     device: DeviceOpt = None,
@@ -277,7 +282,8 @@ def precompute(
     source = stage.open_teacher(teacher, model, checkpoint)
     split_list = [s.strip() for s in splits.split(",") if s.strip()] if splits is not None else None
     flags = {"data.source": data, "splits": split_list, "batch_size": batch_size, "dtype": dtype, "topk": topk,
-             "shards": shards, "views": views, "temperature": temperature, "device": device}
+             "shards": shards, "views": views, "view_mix": view_mix, "mix_alpha": mix_alpha,
+             "temperature": temperature, "device": device}
     cfg = stage_config("precompute", config, set_ or (), flags, base=stage.config_base(source))
     from .engine.interrupt import graceful_stop
 

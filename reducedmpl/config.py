@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import reprlib
 import types
@@ -168,6 +169,9 @@ class PrecomputeConfig:
     temperature: float = 1.0  # recorded in the store; the reader divides logits by it
     views: int = 1  # per row: view 0 clean, views 1..V-1 augmented by the data's training augmentation
     view_seed: int = 0  # the augmented views are seeded by (view_seed, row id, view)
+    # mixup: each augmented view is mixed with a partner row's own augmented view (function matching)
+    view_mix: Literal["none", "mixup"] = "none"
+    mix_alpha: float = 1.0  # the mixing weight ~ Beta(mix_alpha, mix_alpha); 1: uniform
     device: str = "auto"
     amp: bool = True
     channels_last: bool = True
@@ -186,6 +190,9 @@ class PrecomputeConfig:
         _check(self.temperature > 0, "precompute.temperature must be > 0")
         _check(1 <= self.views <= 256, "precompute.views must be in 1..256")
         _check(self.view_seed >= 0, "precompute.view_seed must be >= 0")
+        _check(self.view_mix == "none" or self.views >= 2,
+               "precompute.view_mix=mixup (--view-mix) mixes augmented views: it needs --views 2 or more")
+        _check_mix_alpha(self.mix_alpha, "precompute.mix_alpha")
         _check_device(self.device)
 
 
@@ -264,6 +271,9 @@ class DistillConfig:
     # with a store of several views, each drawn row trains on one of its stored views, with that view's target
     # (false: the student's own augmentation and the clean view's target)
     replay_views: bool = True
+    # online-kd: mix each row of the pseudo-label batch with a partner from the batch (function matching)
+    online_mix: Literal["none", "mixup"] = "none"
+    mix_alpha: float = 1.0  # online_mix: the mixing weight ~ Beta(mix_alpha, mix_alpha)
     # the rows pseudo labels are drawn from: all training rows, or the unlabeled ones only (the labeled rows then
     # serve the reduced teacher and the MPL feedback alone: the student never trains on them before finetune)
     pseudo_pool: Literal["all", "unlabeled"] = "all"
@@ -286,6 +296,9 @@ class DistillConfig:
         _check(self.kd_temperature > 0, "distill.kd_temperature must be > 0")
         _check(self.large_teacher is None or self.mode == "online-kd",
                "distill.large_teacher (--teacher) is used only by --mode online-kd")
+        _check(self.online_mix == "none" or self.mode == "online-kd",
+               "distill.online_mix mixes the batches the large teacher sees: it needs --mode online-kd")
+        _check_mix_alpha(self.mix_alpha, "distill.mix_alpha")
         _check(0 <= self.label_smoothing < 1, "distill.label_smoothing must be in [0, 1)")
         _check(self.baseline_decay is None or 0 <= self.baseline_decay < 1, "distill.baseline_decay must be in [0, 1)")
         _check(0 < self.ema_decay < 1, "distill.ema_decay must be in (0, 1)")
@@ -335,6 +348,10 @@ SECTIONS: dict[str, type] = {"train_large": TrainLargeConfig, "precompute": Prec
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message, "fix the value (where it was given: a flag, --set or the config file)")
+
+
+def _check_mix_alpha(alpha: float, name: str) -> None:
+    _check(math.isfinite(alpha) and alpha > 0, f"{name} must be a finite number > 0 (1: a uniform mixing weight)")
 
 
 def _check_device(device: str) -> None:

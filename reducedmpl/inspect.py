@@ -391,7 +391,8 @@ def _views_table(views: list[dict]) -> Table:
 
 
 def _views_text(provenance: dict) -> str:
-    """``, 8 views (crop 2, flip, rand-m9-n2; seed 0)`` for a store with augmented views, else nothing."""
+    """``, 8 views (crop 2, flip, rand-m9-n2, mixup alpha 1; seed 0)`` for a store with augmented views, else
+    nothing."""
     views = int(provenance.get("views", 1) or 1)
     if views <= 1:
         return ""
@@ -400,5 +401,6 @@ def _views_text(provenance: dict) -> str:
     except ValueError:
         policy = {}
     aug = [f"crop {policy['crop_padding']}" if policy.get("crop_padding") else "",
-           "flip" if policy.get("hflip") else "", policy.get("randaugment") or ""]
+           "flip" if policy.get("hflip") else "", policy.get("randaugment") or "",
+           f"mixup alpha {policy.get('mix_alpha', 1.0):g}" if policy.get("view_mix") == "mixup" else ""]
     return f", {views} views ({', '.join(a for a in aug if a) or 'no augmentation'}; seed {policy.get('seed', '?')})"

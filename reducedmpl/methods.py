@@ -22,6 +22,7 @@ from torch import nn
 from . import distributed, mpl
 from .config import DistillConfig
 from .data.loading import match_channels, resize
+from .data.views import batch_mixup, mixup
 from .engine.device import autocast, to_device
 
 # A batch's parts: the labeled images and labels, the pseudo-label batch, the stored q_L of the pseudo-label
@@ -278,17 +279,35 @@ class KDStep(_Stateless):
 @method("online-kd")
 class OnlineKDStep(KDStep):
     """KD with the large teacher in memory, run each step on the student's own augmented view: the consistent
-    teacher (Beyer et al., CVPR 2022), the anchor that stored targets are measured against."""
+    teacher (Beyer et al., CVPR 2022), the anchor that stored targets are measured against. With ``online_mix``
+    (function matching) each row of the pseudo-label batch is first mixed with a partner from the same batch
+    (:func:`views.batch_mixup` of the seed and the step), and both the teacher and the student see the mixed image."""
 
     def __init__(self, cfg: DistillConfig, student: Student, teacher: Teacher | None = None, *,
                  large: LargeTeacher):
         super().__init__(cfg, student)
         self.large = large
         self.needs = self.needs - {UNLABELED_TARGETS}
+        self.mix, self.seed, self.alpha = cfg.online_mix != "none", cfg.seed, cfg.mix_alpha
+        self.mixes = 0  # batches mixed so far: the next one's key, saved so that a resume replays it
 
     def __call__(self, b: Batch, measure: bool) -> StepOutput:
+        if self.mix:
+            b.x_u = self.mixed(b.x_u)
         b.log_q_u = self.large.log_probs(b.x_u)
         return super().__call__(b, measure)
+
+    def mixed(self, x: torch.Tensor) -> torch.Tensor:
+        """The next batch's mixup: each row with its partner in ``x``, weights drawn from (seed, batch, rank)."""
+        perm, lam = batch_mixup(self.seed, self.mixes, len(x), self.alpha, self.student.dist.rank)
+        self.mixes += 1
+        return mixup(x, x[torch.from_numpy(perm).to(x.device)], torch.from_numpy(lam))
+
+    def state_dict(self) -> dict:
+        return {"mixes": self.mixes} if self.mix else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mixes = int(state.get("mixes", 0))
 
 
 class LargeTeacher:

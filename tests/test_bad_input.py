@@ -1299,6 +1299,59 @@ def tl_resume_checkpoint_of_another_run(tmp: Path, fx: Fx) -> Case:
                 unchanged=[run / "last.pt"])
 
 
+# 7. function matching: mixed views and the online mix
+def _pc_mix(tmp: Path, fx: Fx, views: str, mix: str, alpha: str, *fragments: str) -> Case:
+    out, stores = pc_out(tmp)
+    return Case(["precompute", "--teacher", fx.teacher, "--views", views, "--view-mix", mix, "--mix-alpha", alpha,
+                 "--out", out, "--quiet"], fragments, stores=stores)
+
+
+def pc_view_mix_with_one_view(tmp: Path, fx: Fx) -> Case:
+    return _pc_mix(tmp, fx, "1", "mixup", "1", "view_mix=mixup (--view-mix) mixes augmented views", "--views 2 or more")
+
+
+def pc_mix_alpha_zero(tmp: Path, fx: Fx) -> Case:
+    return _pc_mix(tmp, fx, "2", "mixup", "0", "precompute.mix_alpha must be a finite number > 0", "fix the value")
+
+
+def pc_mix_alpha_not_finite(tmp: Path, fx: Fx) -> Case:
+    return _pc_mix(tmp, fx, "2", "mixup", "nan", "precompute.mix_alpha must be a finite number > 0", "fix the value")
+
+
+def pc_unknown_view_mix(tmp: Path, fx: Fx) -> Case:
+    return _pc_mix(tmp, fx, "2", "cutmix", "1", "precompute.view_mix must be one of none, mixup",
+                   "use one of the listed values")
+
+
+def di_online_mix_without_online_kd(tmp: Path, fx: Fx) -> Case:
+    out, bad = di_out(tmp)
+    return Case(["distill", "--targets", tmp / "t.h5", "--mode", "kd", "--set", "distill.online_mix=mixup",
+                 "--out", out], ("distill.online_mix mixes the batches the large teacher sees", "--mode online-kd"),
+                bad)
+
+
+def di_online_mix_alpha_infinite(tmp: Path, fx: Fx) -> Case:
+    out, bad = di_out(tmp)
+    return Case(["distill", "--targets", tmp / "t.h5", "--mode", "online-kd", "--set", "distill.online_mix=mixup",
+                 "--set", "distill.mix_alpha=.inf", "--out", out],
+                ("distill.mix_alpha must be a finite number > 0", "fix the value"), bad)
+
+
+def di_mixed_views_of_other_rows(tmp: Path, fx: Fx) -> Case:
+    """A mixed store whose recorded partner pool is not the rows it holds (here: its policy edited) is refused
+    before the run starts: its views could not be rebuilt."""
+    master = tmp / "store" / "targets.h5"
+    cli("precompute", "--teacher", fx.teacher, "--out", master, "--views", "2", "--view-mix", "mixup", "--splits",
+        "labeled,unlabeled", "--quiet")
+    for path in [master, *shards_of(master)]:
+        with h5py.File(path, "r+") as f:
+            policy = json.loads(f.attrs["view_policy"])
+            f.attrs["view_policy"] = json.dumps({**policy, "pool_rows": policy["pool_rows"] + 1}, sort_keys=True)
+    out, bad = di_out(tmp)
+    return Case(_distill(master, out), ("partner rows of the store's mixed views", "rerun `reducedmpl precompute`"),
+                [out, *bad])
+
+
 THIRD_ROUND: list[Callable[[Path, Fx], Case]] = [
     di_online_kd_nan_teacher, ex_nan_onnx, ex_nan_safetensors, pc_nan_teacher, ex_unwritable_torchscript,
     ex_unwritable_safetensors, ex_unwritable_onnx, pc_unwritable, tl_unwritable, tl_resume_random_bytes,
@@ -1306,7 +1359,8 @@ THIRD_ROUND: list[Callable[[Path, Fx], Case]] = [
     tl_npz_huge_label, tl_npz_negative_label, pc_more_shards_than_rows, ex_batch_too_large,
     di_augmentation_over_stored_views, di_online_kd_other_teacher, ex_opset_on_torchscript, ex_out_is_the_artifact,
     pc_out_is_the_teacher, tl_init_is_the_output, ex_opset_no_exporter_writes, pc_teacher_is_a_store,
-    tl_resume_checkpoint_of_another_run,
+    tl_resume_checkpoint_of_another_run, pc_view_mix_with_one_view, pc_mix_alpha_zero, pc_mix_alpha_not_finite,
+    pc_unknown_view_mix, di_online_mix_without_online_kd, di_online_mix_alpha_infinite, di_mixed_views_of_other_rows,
 ]
 
 

@@ -163,7 +163,7 @@ def test_crops_and_flips_cover_their_range() -> None:
     maker, data = _maker({**POLICY, "hflip": True, "views": 64})
     x = torch.arange(64, dtype=torch.float32).view(1, 1, 8, 8).expand(2000, 1, 8, 8)
     ids, views = np.arange(2000), np.arange(2000) % 64
-    out = maker._crop_flip(x, ids, views)
+    out = maker._crop_flip(x, ids, views, maker.policy.seed)
     assert torch.equal(out[views == 0], x[views == 0])
     flipped = out[:, 0, 3, 2] > out[:, 0, 3, 5]  # the ramp runs the other way (columns inside any crop)
     assert 0.4 < flipped[views > 0].float().mean() < 0.6 and not flipped[views == 0].any()
@@ -218,7 +218,7 @@ def test_batched_randaugment_is_the_per_image_transform_bit_for_bit(shape) -> No
     aug_rows = views > 0
     expected[aug_rows] = _per_image_randaugment(source[aug_rows], [view_seed(7, int(r), int(v)) for r, v in
                                                                    zip(ids[aug_rows], views[aug_rows])])
-    assert torch.equal(maker._randaugment(source, ids, views), expected)
+    assert torch.equal(maker._randaugment(source, ids, views, 7), expected)
 
 
 def test_array_replay_is_the_same_with_workers(tmp_path: Path) -> None:
@@ -249,9 +249,8 @@ def test_array_replay_is_the_same_with_workers(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- end to end
-@pytest.fixture(scope="module")
-def recorded_views(tiny_teacher, tmp_path_factory):
-    """A 4-view float32 store of the tiny teacher, and every input the teacher ran on for views 1..3."""
+def precompute_recording(*args) -> dict[tuple[int, int], torch.Tensor]:
+    """Run ``precompute ARGS`` in this process; returns every view input the teacher ran on, by (row, view)."""
     seen: dict[tuple[int, int], torch.Tensor] = {}
     original = views_mod.ViewMaker.inputs
 
@@ -261,14 +260,21 @@ def recorded_views(tiny_teacher, tmp_path_factory):
             seen[(r, v)] = x[i].clone()
         return x
 
-    out = tmp_path_factory.mktemp("views") / "targets.h5"
     mp = pytest.MonkeyPatch()
     mp.setattr(views_mod.ViewMaker, "inputs", recording)
     try:
-        cli("precompute", "--teacher", tiny_teacher, "--out", out, "--dtype", "float32", "--views", "4",
-            "--batch-size", "50", "--quiet")
+        cli("precompute", *args)
     finally:
         mp.undo()
+    return seen
+
+
+@pytest.fixture(scope="module")
+def recorded_views(tiny_teacher, tmp_path_factory):
+    """A 4-view float32 store of the tiny teacher, and every input the teacher ran on for views 1..3."""
+    out = tmp_path_factory.mktemp("views") / "targets.h5"
+    seen = precompute_recording("--teacher", tiny_teacher, "--out", out, "--dtype", "float32", "--views", "4",
+                                "--batch-size", "50", "--quiet")
     return out, seen
 
 

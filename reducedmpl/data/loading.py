@@ -407,7 +407,8 @@ class _FolderItems(torch.utils.data.Dataset):
             from .views import pick_views
 
             view = int(pick_views(self.seed, epoch, np.array([row]), self.replay.policy.views)[0])
-            return self.replay.folder_item(row, view), int(self.source.labels[row]), row
+            x = self.replay.inputs(np.array([row]), np.array([view]))[0]  # mixed with its partner, if so stored
+            return x, int(self.source.labels[row]), row
         img = self.source.pil_image(row, "RGB")  # straight to PIL: timm's transforms take it
         if not self.train:  # evaluation transforms draw nothing
             return self.transform(img), int(self.source.labels[row]), row

@@ -17,10 +17,19 @@ View 0 of a row is its clean input: the central ``crop_pct`` share the teacher's
 
 During distillation each drawn row picks one of its stored views (:func:`pick_views`, a function of the stream's
 seed, the epoch and the row id), and the student trains on exactly that region, with the teacher's target for it.
+
+A store of mixed views (``view_mix="mixup"``: function matching, Beyer et al., CVPR 2022) stores the teacher's
+outputs on mixup images instead: augmented view v of row i is ``lam * A + (1 - lam) * B``, A row i's view v as
+above, B view v of a partner row j rendered from a second seed stream (:func:`partner_seed` of the policy seed), j
+and ``lam ~ Beta(mix_alpha, mix_alpha)`` functions of (policy seed, i, v) alone (:func:`mix_partners`). j is drawn
+from the partner pool: the sorted row ids the store holds, which the policy pins by their count and digest. Each
+side is rendered at the model's own size and normalised, then the two are mixed (the same code for the teacher
+and the student; normalising is affine, so this is mixing the pixels up to rounding). View 0 stays clean.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import random
 import warnings
@@ -38,6 +47,8 @@ from .sources import Source
 
 # Salts that keep the view streams apart from each other and from the batch augmentation's seeds.
 _VIEW_SALT, _PICK_SALT, _CROP_SALT = 0x5EED_71E5, 0x9C4E_51A7, 0xC409_F11B
+_MIX_SALT, _PARTNER_SALT, _BATCH_MIX_SALT = 0x31C5_0B7D, 0x7A27_E3F1, 0x4B1D_5A3C
+VIEW_MIXES = ("none", "mixup")
 # How a view is rebuilt from its seed; a store records it, and one made another way is refused (its views could
 # not be rebuilt exactly). Scheme 1 stored tensors of the teacher's size; scheme 2 stores regions.
 REBUILD = 2
@@ -59,6 +70,10 @@ class ViewPolicy:
     crop_pct: float | None = None  # view 0's region: the teacher's evaluation crop
     fill: tuple[int, ...] = (128, 128, 128)  # folders: RandAugment's fill colour (the teacher's mean)
     rebuild: int = REBUILD
+    view_mix: str = "none"  # "mixup": views 1..V-1 mixed with a partner row's view (function matching)
+    mix_alpha: float = 1.0  # lam ~ Beta(mix_alpha, mix_alpha)
+    pool_rows: int = 0  # mixup: the partner pool (the store's sorted row ids): its size and digest
+    pool_digest: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -74,10 +89,16 @@ class ViewPolicy:
                                 f"rebuilds scheme {REBUILD}",
                                 "rerun `reducedmpl precompute --views` with this reducedmpl (or "
                                 "distill.replay_views=false)")
+        mix = str(d.get("view_mix") or "none")  # a store made before mixed views: none
+        if mix not in VIEW_MIXES:
+            raise ArtifactError(f"the store's views are mixed by {mix!r}, this reducedmpl knows "
+                                f"{', '.join(VIEW_MIXES)}", "rerun `reducedmpl precompute --views` with this "
+                                "reducedmpl (or distill.replay_views=false)")
         crop = d.get("crop_pct")
         return cls(int(d["views"]), int(d["seed"]), int(d["input_size"]), int(d["crop_padding"]), bool(d["hflip"]),
                    d.get("randaugment") or None, str(d["kind"]), None if crop is None else float(crop),
-                   tuple(int(v) for v in d.get("fill") or (128, 128, 128)), rebuild)
+                   tuple(int(v) for v in d.get("fill") or (128, 128, 128)), rebuild, mix,
+                   float(d.get("mix_alpha", 1.0)), int(d.get("pool_rows", 0)), str(d.get("pool_digest", "")))
 
 
 def source_kind(source: Source) -> str:
@@ -85,13 +106,30 @@ def source_kind(source: Source) -> str:
     return "array" if source.images is not None else "folder"
 
 
-def make_policy(views: int, seed: int, cfg: DataConfig, prep: Preprocess, source: Source) -> ViewPolicy:
+def make_policy(views: int, seed: int, cfg: DataConfig, prep: Preprocess, source: Source, view_mix: str = "none",
+                mix_alpha: float = 1.0, pool: np.ndarray | None = None) -> ViewPolicy:
     """The policy of a store of ``views`` views: the data's training augmentation, regions taken from the
-    teacher's preprocessing ``prep`` (its input size, its evaluation crop, its mean as the fill)."""
+    teacher's preprocessing ``prep`` (its input size, its evaluation crop, its mean as the fill); mixed views
+    (``view_mix="mixup"``) draw their partners from ``pool``, the row ids the store holds."""
     mean = list(prep.mean) * (3 if len(prep.mean) == 1 else 1)
     fill = tuple(min(255, round(255 * m)) for m in mean[:3])
+    mixed = view_mix != "none"
+    if mixed and pool is None:
+        raise ValueError("mixed views need the partner pool (the store's row ids)")
+    pool = partner_pool(pool) if mixed else np.zeros(0, np.int64)
     return ViewPolicy(int(views), int(seed), prep.input_size, int(cfg.crop_padding), bool(cfg.hflip),
-                      cfg.randaugment or None, source_kind(source), prep.crop_pct, fill)
+                      cfg.randaugment or None, source_kind(source), prep.crop_pct, fill, REBUILD, view_mix,
+                      float(mix_alpha), len(pool), pool_digest(pool) if mixed else "")
+
+
+def partner_pool(ids: np.ndarray) -> np.ndarray:
+    """The partner pool of a store holding the rows ``ids``: its sorted, distinct row ids."""
+    return np.unique(np.asarray(ids, dtype=np.int64))
+
+
+def pool_digest(pool: np.ndarray) -> str:
+    """A short digest of a partner pool (its int64 ids, little-endian), which a mixed policy records."""
+    return hashlib.sha256(np.asarray(pool, dtype="<i8").tobytes()).hexdigest()[:16]
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -133,6 +171,42 @@ def pick_views(seed: int, epoch: int, ids: np.ndarray, views: int) -> np.ndarray
     return (_hash(_PICK_SALT, seed, epoch, ids) % np.uint64(views)).astype(np.int64)
 
 
+def beta_draws(keys: np.ndarray, alpha: float) -> np.ndarray:
+    """One draw of Beta(alpha, alpha) per uint64 key, each from a generator seeded by its key alone (float64)."""
+    return np.array([np.random.Generator(np.random.PCG64(k)).beta(alpha, alpha) for k in keys.tolist()],
+                    dtype=np.float64).reshape(keys.shape)
+
+
+def mix_partners(policy_seed: int, rows: Any, views: Any, pool: np.ndarray,
+                 alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """The partner row (from the sorted ``pool``) and the weight ``lam`` (float32, ~ Beta(alpha, alpha)) of the
+    mixed view ``views[i]`` of row ``rows[i]``: each a function of (policy seed, row, view) only. The partner may
+    be the row itself (then two augmentations of one image are mixed)."""
+    rows, views = np.broadcast_arrays(np.asarray(rows, np.int64), np.asarray(views, np.int64))
+    picks = _hash(_MIX_SALT, policy_seed, rows, views, 1) % np.uint64(len(pool))
+    lam = beta_draws(_hash(_MIX_SALT, policy_seed, rows, views, 2), alpha)
+    return np.asarray(pool, np.int64)[picks.astype(np.int64)], lam.astype(np.float32)
+
+
+def partner_seed(policy_seed: int) -> int:
+    """The policy seed the partner side of a mixed view is rendered with: its own crops, flips and RandAugment."""
+    return int(_hash(_PARTNER_SALT, policy_seed) >> np.uint64(1))
+
+
+def batch_mixup(seed: int, step: int, n: int, alpha: float, rank: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Online mixup of a batch of ``n`` rows: each row's partner (a permutation of the batch) and its weight
+    ``lam`` (float32, ~ Beta(alpha, alpha)), functions of (seed, step, rank) only, so a resumed run replays them."""
+    rng = np.random.Generator(np.random.PCG64(int(_hash(_BATCH_MIX_SALT, seed, step, rank))))
+    return rng.permutation(n), rng.beta(alpha, alpha, n).astype(np.float32)
+
+
+def mixup(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """``lam * a + (1 - lam) * b`` per image (``lam`` of shape (n,)): the one mixing the teacher and the student
+    share."""
+    lam = lam.to(a.device, a.dtype).view(-1, *([1] * (a.dim() - 1)))
+    return lam * a + (1 - lam) * b
+
+
 def folder_box(width: int, height: int, seed: int) -> tuple[int, int, int, int]:
     """A random resized crop box (left, top, right, bottom) of a ``width`` x ``height`` image, drawn from
     ``seed`` alone (timm's scale and ratio ranges; the central crop of the nearest ratio after 10 misses)."""
@@ -156,14 +230,24 @@ def folder_box(width: int, height: int, seed: int) -> tuple[int, int, int, int]:
 
 class ViewMaker:
     """Renders views of rows of ``source`` at the model preprocessing ``prep``: ``inputs(ids, views)`` gives the
-    normalised model inputs. Which region a view is depends on the policy alone, never on ``prep``."""
+    normalised model inputs. Which region a view is depends on the policy alone, never on ``prep``. Mixed views
+    need ``pool``: the row ids of the store (their sorted distinct ids must be the pool the policy records)."""
 
-    def __init__(self, source: Source, prep: Preprocess, policy: ViewPolicy):
+    def __init__(self, source: Source, prep: Preprocess, policy: ViewPolicy, pool: np.ndarray | None = None):
         if source_kind(source) != policy.kind:
             raise ArtifactError(f"the stored views were made from {policy.kind} data, this data is "
                                 f"{source_kind(source)} data",
                                 "distill with the data the store was computed on")
         self.source, self.prep, self.policy = source, prep, policy
+        self.pool = None
+        if policy.view_mix != "none":
+            if pool is None:
+                raise ValueError("mixed views need the partner pool (the store's row ids)")  # a bug
+            self.pool = partner_pool(pool)
+            if len(self.pool) != policy.pool_rows or pool_digest(self.pool) != policy.pool_digest:
+                raise ArtifactError(f"the partner rows of the store's mixed views ({policy.pool_rows} rows) are not "
+                                    f"the {len(self.pool)} rows it holds", "rerun `reducedmpl precompute` for "
+                                    "this store (or distill.replay_views=false)")
         self.mean, self.std = prep.norm_tensors()
         self.randaugment = parse_randaugment(policy.randaugment) if policy.randaugment else None
         self._transforms: tuple[Any, Any] | None = None  # folders: (view 0's transform, RandAugment or None)
@@ -202,30 +286,42 @@ class ViewMaker:
         if len(ids) == 0:
             size = self.prep.input_size
             return torch.zeros(0, self.prep.in_chans, size, size)
-        if self.source.images is None:
-            return torch.stack([self.folder_item(int(r), int(v)) for r, v in zip(ids, views)])
-        return self._array_inputs(ids, views)
+        x = self.render(ids, views, self.policy.seed)
+        if self.pool is None or not views.any():
+            return x
+        mixed = np.flatnonzero(views)
+        partners, lam = mix_partners(self.policy.seed, ids[mixed], views[mixed], self.pool, self.policy.mix_alpha)
+        other = self.render(partners, views[mixed], partner_seed(self.policy.seed))
+        rows = torch.from_numpy(mixed)
+        x[rows] = mixup(x[rows], other, torch.from_numpy(lam))
+        return x
 
-    def _array_inputs(self, ids: np.ndarray, views: np.ndarray) -> torch.Tensor:
+    def render(self, ids: np.ndarray, views: np.ndarray, seed: int) -> torch.Tensor:
+        """The unmixed views ``views`` of rows ``ids``, their augmentation drawn from the policy seed ``seed``."""
+        if self.source.images is None:
+            return torch.stack([self.folder_item(int(r), int(v), seed) for r, v in zip(ids, views)])
+        return self._array_inputs(ids, views, seed)
+
+    def _array_inputs(self, ids: np.ndarray, views: np.ndarray, seed: int) -> torch.Tensor:
         images = torch.from_numpy(np.ascontiguousarray(self.source.images[ids])).permute(0, 3, 1, 2)
         if self.randaugment is not None and views.any():
-            images = self._randaugment(images, ids, views)
+            images = self._randaugment(images, ids, views, seed)
         x = center_crop(images.float().div_(255.0), self.policy.crop_pct)
-        x = resize(self._crop_flip(x, ids, views), self.prep.input_size, self.prep.interpolation)
+        x = resize(self._crop_flip(x, ids, views, seed), self.prep.input_size, self.prep.interpolation)
         return normalise(x, self.prep, self.mean, self.std)
 
-    def _randaugment(self, images: torch.Tensor, ids: np.ndarray, views: np.ndarray) -> torch.Tensor:
+    def _randaugment(self, images: torch.Tensor, ids: np.ndarray, views: np.ndarray, seed: int) -> torch.Tensor:
         """RandAugment of each augmented view: torchvision's per-image ``v2.RandAugment`` after
         ``torch.manual_seed(view_seed(...))`` (what a store of scheme 2 records), its draws made from a generator
         of this maker's and its ops applied a batch at a time (:class:`loading.BatchedRandAugment`)."""
         if self._augment is None:
             self._augment = BatchedRandAugment(*self.randaugment)
         augmented = np.flatnonzero(views)
-        seeds = view_seeds(self.policy.seed, ids[augmented], views[augmented])
+        seeds = view_seeds(seed, ids[augmented], views[augmented])
         h, w = images.shape[-2:]
         plans = []
-        for seed in seeds.tolist():
-            self._draws.manual_seed(seed)
+        for one in seeds.tolist():
+            self._draws.manual_seed(one)
             plans.append(self._augment.plan(self._draws, h, w))
         rows = torch.from_numpy(augmented)
         out = images.clone()
@@ -237,31 +333,34 @@ class ViewMaker:
         p = self.policy.crop_padding
         return 0 if p <= 0 else max(1, round(p * side / self.policy.input_size))
 
-    def _crop_flip(self, x: torch.Tensor, ids: np.ndarray, views: np.ndarray) -> torch.Tensor:
+    def _crop_flip(self, x: torch.Tensor, ids: np.ndarray, views: np.ndarray, seed: int) -> torch.Tensor:
         """The shifted crop (offsets 0..2p of the p-padded image, in its own pixels) and the flip of every augmented
         view, for the whole batch at once; view 0 is cropped at the centre (the image itself), never flipped."""
         (n, _, h, w), augmented = x.shape, views > 0
         p = self.source_padding(min(h, w))
         if p > 0:
             span = np.uint64(2 * p + 1)
-            oy = np.where(augmented, _hash(_CROP_SALT, self.policy.seed, ids, views, 1) % span, p).astype(np.int64)
-            ox = np.where(augmented, _hash(_CROP_SALT, self.policy.seed, ids, views, 2) % span, p).astype(np.int64)
+            oy = np.where(augmented, _hash(_CROP_SALT, seed, ids, views, 1) % span, p).astype(np.int64)
+            ox = np.where(augmented, _hash(_CROP_SALT, seed, ids, views, 2) % span, p).astype(np.int64)
             padded = torch.nn.functional.pad(x, (p, p, p, p))
             ys = torch.from_numpy(oy)[:, None] + torch.arange(h)
             xs = torch.from_numpy(ox)[:, None] + torch.arange(w)
             x = padded[torch.arange(n)[:, None, None], :, ys[:, :, None], xs[:, None, :]].permute(0, 3, 1, 2)
         if self.policy.hflip:
-            flip = augmented & (_hash(_CROP_SALT, self.policy.seed, ids, views, 3) & np.uint64(1)).astype(bool)
+            flip = augmented & (_hash(_CROP_SALT, seed, ids, views, 3) & np.uint64(1)).astype(bool)
             x = torch.where(torch.from_numpy(flip).view(-1, 1, 1, 1), x.flip(-1), x)
         return x
 
-    def folder_region(self, row: int, view: int, width: int, height: int) -> tuple[tuple[int, int, int, int], bool]:
-        """The crop box (left, top, right, bottom, in the image's pixels) and flip of an augmented view."""
-        box = folder_box(width, height, view_seed(self.policy.seed, row, view))
-        flip = self.policy.hflip and bool(_hash(_CROP_SALT, self.policy.seed, row, view, 3) & np.uint64(1))
+    def folder_region(self, row: int, view: int, width: int, height: int,
+                      seed: int | None = None) -> tuple[tuple[int, int, int, int], bool]:
+        """The crop box (left, top, right, bottom, in the image's pixels) and flip of an augmented view (drawn
+        from the policy seed, or from ``seed``)."""
+        seed = self.policy.seed if seed is None else seed
+        box = folder_box(width, height, view_seed(seed, row, view))
+        flip = self.policy.hflip and bool(_hash(_CROP_SALT, seed, row, view, 3) & np.uint64(1))
         return box, flip
 
-    def folder_item(self, row: int, view: int) -> torch.Tensor:
+    def folder_item(self, row: int, view: int, seed: int | None = None) -> torch.Tensor:
         """One encoded image's view: view 0 through the evaluation transform with the teacher's crop; an augmented
         view's region cropped and resized in one step, flipped, then RandAugment seeded by the view."""
         from PIL import Image
@@ -273,13 +372,14 @@ class ViewMaker:
         img = self.source.pil_image(row, "RGB")
         if view == 0:
             return match_channels(self._transforms[0](img)[None], self.prep.in_chans)[0]
-        box, flip = self.folder_region(row, view, *img.size)
+        seed = self.policy.seed if seed is None else seed
+        box, flip = self.folder_region(row, view, *img.size, seed)
         size, interp = self.prep.input_size, str_to_pil_interp(self.prep.interpolation)
         img = img.resize((size, size), interp, box=box)
         if flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if self._transforms[1] is not None:
-            with seeded_process_rngs(view_seed(self.policy.seed, row, view)):
+            with seeded_process_rngs(view_seed(seed, row, view)):
                 img = self._transforms[1](img)
         x = pil_to_tensor(img)[None].float().div_(255.0)
         return normalise(x, self.prep, self.mean, self.std)[0]

@@ -185,7 +185,7 @@ def view_replay(cfg: DistillConfig, data: DataSetup, store: TargetStore, needs: 
     targets, and ``replay_views`` on; else None (the student's own augmentation, the clean view's targets)."""
     if store.views <= 1 or not cfg.replay_views or not needs & {LABELED_TARGETS, UNLABELED_TARGETS}:
         return None
-    return ViewMaker(data.source, data.prep, ViewPolicy.from_dict(store.meta.view_policy))
+    return ViewMaker(data.source, data.prep, ViewPolicy.from_dict(store.meta.view_policy), store.ids)
 
 
 def load_large_teacher(cfg: DistillConfig, data: DataSetup, device: torch.device) -> LargeTeacher:
@@ -344,7 +344,8 @@ def run(cfg: DistillConfig, targets: str | Path, out: str | Path, *, resume: boo
                                   "set distill.pseudo_pool=all, or keep some rows unlabeled (data.labeled_per_class)")
         check_store(store, data, needed)
         if store.views > 1 and cfg.replay_views and cfg.mode != "supervised":
-            ViewPolicy.from_dict(store.meta.view_policy)  # views this version cannot rebuild: refused here
+            # views this version cannot rebuild, or mixed views whose partner rows the store lacks: refused here
+            ViewMaker(data.source, data.prep, ViewPolicy.from_dict(store.meta.view_policy), store.ids)
         check_model_fits(student.arch, data.source.num_classes, data.prep.in_chans, data.prep.input_size,
                          "distill.student", **student.model_args)
         return train(cfg, data, store, device, dist, Path(out), resume=resume, overwrite=overwrite,

@@ -404,9 +404,11 @@ def _short(names: list[str], n: int = 4) -> str:
 
 
 def build_meta(cfg: PrecomputeConfig, teacher: Teacher, data: TeacherData, prep: Preprocess, class_names: list[str],
-               sha256: str, num_rows: int) -> StoreMeta:
+               sha256: str, ids: np.ndarray) -> StoreMeta:
+    """The store's metadata; ``ids`` are the rows it holds (mixed views draw their partners from them)."""
     kept = [s for s in SPLIT_NAMES if s in cfg.splits]
-    policy = make_policy(cfg.views, cfg.view_seed, data.config, prep, data.source).to_dict() if cfg.views > 1 else {}
+    policy = make_policy(cfg.views, cfg.view_seed, data.config, prep, data.source, cfg.view_mix, cfg.mix_alpha,
+                         ids).to_dict() if cfg.views > 1 else {}
     meta = StoreMeta(
         teacher_arch=teacher.arch, teacher_sha256=sha256, class_names=list(class_names),
         data_spec=data.config.source, split_seed=data.config.split_seed,
@@ -419,7 +421,7 @@ def build_meta(cfg: PrecomputeConfig, teacher: Teacher, data: TeacherData, prep:
     except ValueError as e:
         raise ConfigError(f"precompute settings do not fit this teacher: {e}",
                           f"the teacher has {len(class_names)} classes; use --topk below that (0: dense)") from None
-    meta.run_key = derive_run_key(meta, num_rows, cfg.shards)
+    meta.run_key = derive_run_key(meta, len(ids), cfg.shards)
     return meta
 
 
@@ -443,7 +445,7 @@ def _prepare(cfg: PrecomputeConfig, teacher: Teacher,
             raise DataError(f"the splits {', '.join(cfg.splits)} of {data.source.spec!r} hold no rows",
                             "choose other --splits or data settings")
         return model, data, prep, rows, build_meta(cfg, teacher, data, prep, class_names, sha_future.result(),
-                                                   len(rows))
+                                                   rows.ids)
 
 
 def run(cfg: PrecomputeConfig, teacher: Teacher, out: str | Path | None = None, *, overwrite: bool = False,
@@ -496,8 +498,8 @@ def _compute(cfg: PrecomputeConfig, model: nn.Module, data: TeacherData, prep: P
     mine = todo[dist.rank::dist.world_size]  # the shards still to do, dealt out round the ranks
     model = prepare_model(model, device, cfg.channels_last)
     pred = np.zeros(len(rows), np.int64)
-    views = ViewInputs(ViewMaker(data.source, prep, ViewPolicy.from_dict(meta.view_policy)), cfg.batch_size,
-                       data.config.num_workers) if meta.views > 1 else None
+    views = ViewInputs(ViewMaker(data.source, prep, ViewPolicy.from_dict(meta.view_policy), rows.ids),
+                       cfg.batch_size, data.config.num_workers) if meta.views > 1 else None
     todo_rows = sum(ranges[i][1] - ranges[i][0] for i in mine)
     with progress(disable=quiet) as bar, ThreadPoolExecutor(1) as write_pool, ThreadPoolExecutor(1) as batch_pool:
         task = bar.add_task("teacher logits", total=todo_rows, info="")
