@@ -1,0 +1,89 @@
+"""``hf:ORG/NAME`` and ``hf:NAME``: a Hugging Face Hub dataset read offline from the local caches, each written here
+in the library's own layout: the hub's file cache (``hf download ORG/NAME --repo-type dataset``) and the
+``datasets`` arrow cache (a former ``datasets.load_dataset``)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("datasets")
+
+from hf_wds_data import encoded, pixels, write_hub_dataset, write_prepared_dataset  # noqa: E402
+from reducedmpl.config import DataConfig  # noqa: E402
+from reducedmpl.data.sources import load_source  # noqa: E402
+from reducedmpl.errors import DataError  # noqa: E402
+
+CLASS_NAMES = ["class0", "class1", "class2"]
+
+
+@pytest.fixture
+def caches(tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """Empty hub and datasets caches, named by the environment as a user's shell would."""
+    hub, prepared = tmp_path / "hub", tmp_path / "datasets"
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(prepared))
+    return hub, prepared
+
+
+def digest(spec: str, options: DataConfig | None = None) -> str:
+    src = load_source(spec, options)
+    return src.content_digest(np.arange(len(src)))
+
+
+def check_rows(src, n: int = 60, test: int = 12) -> None:
+    assert src.kind == "hf" and len(src) == n and src.class_names == CLASS_NAMES
+    images, labels = pixels(n)
+    np.testing.assert_array_equal(src.labels, labels)  # train rows, then test rows
+    np.testing.assert_array_equal(src.official_test, np.arange(n) >= n - test)
+    np.testing.assert_array_equal(np.stack([np.asarray(src.pil_image(i)) for i in range(n)]), np.stack(images))
+
+
+def test_a_downloaded_repository_in_the_hub_cache(caches, tmp_path, monkeypatch):
+    hub, prepared = caches
+    write_hub_dataset(hub, "acme/tiny")
+    spec = "hf:acme/tiny"
+    check_rows(load_source(spec))
+    before = digest(spec)
+    assert digest(spec, DataConfig(source=spec, hf_config="plain")) == before  # its one configuration, named
+    assert digest(spec) == before  # read again (now from the arrow files converted the first time)
+    # the same files in another cache, converted afresh: the same fingerprints (blobs are named by content)
+    monkeypatch.setenv("HF_HUB_CACHE", str(shutil.copytree(hub, tmp_path / "hub2", symlinks=True)))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets2"))
+    assert digest(spec) == before
+    # a new revision whose images are re-encoded: other fingerprints
+    write_hub_dataset(tmp_path / "hub2", "acme/tiny", images=[encoded(x, "JPEG") for x in pixels(60)[0]])
+    assert digest(spec) != before
+
+
+def test_a_dataset_prepared_by_load_dataset_in_the_datasets_cache(caches):
+    hub, prepared = caches
+    write_prepared_dataset(prepared, "acme/tiny")
+    assert not hub.exists()  # only the arrow files: what datasets itself reads offline
+    spec = "hf:acme/tiny"
+    check_rows(load_source(spec))
+    assert digest(spec) == digest(spec, DataConfig(source=spec, hf_config="plain"))
+
+
+def test_a_bare_name(caches):
+    hub, prepared = caches
+    write_hub_dataset(hub, "tiny", n=30, test=6, config="default")
+    check_rows(load_source("hf:tiny"), 30, 6)
+
+
+def test_not_in_the_cache_and_a_configuration_it_lacks(caches):
+    hub, prepared = caches
+    with pytest.raises(DataError, match=r"acme/tiny is not in the local Hugging Face caches.*hf download acme/tiny --repo-type "
+                                        r"dataset"):
+        load_source("hf:acme/tiny")
+    write_prepared_dataset(prepared, "acme/tiny")
+    spec = "hf:acme/tiny"
+    with pytest.raises(DataError, match=r"no configuration 'other' in the local cache \(configurations: plain\)"):
+        load_source(spec, DataConfig(source=spec, hf_config="other"))
+    write_hub_dataset(hub, "acme/tiny", config="second")
+    with pytest.raises(DataError, match=r"no configuration 'other' .*\(configurations: plain, second\)"):
+        load_source(spec, DataConfig(source=spec, hf_config="other"))
+    # the configuration the arrow cache lacks comes from the hub cache
+    assert len(load_source(spec, DataConfig(source=spec, hf_config="second"))) == 60
