@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("datasets")
 
@@ -54,7 +55,8 @@ def test_a_downloaded_repository_in_the_hub_cache(caches, tmp_path, monkeypatch)
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets2"))
     assert digest(spec) == before
     # a new revision whose images are re-encoded: other fingerprints
-    write_hub_dataset(tmp_path / "hub2", "acme/tiny", images=[encoded(x, "JPEG") for x in pixels(60)[0]])
+    write_hub_dataset(tmp_path / "hub2", "acme/tiny", revision="1" * 40,
+                      images=[encoded(x, "JPEG") for x in pixels(60)[0]])
     assert digest(spec) != before
 
 
@@ -75,8 +77,8 @@ def test_a_bare_name(caches):
 
 def test_not_in_the_cache_and_a_configuration_it_lacks(caches):
     hub, prepared = caches
-    with pytest.raises(DataError, match=r"acme/tiny is not in the local Hugging Face caches.*hf download acme/tiny --repo-type "
-                                        r"dataset"):
+    with pytest.raises(DataError, match=r"acme/tiny is not in the local Hugging Face caches .*offline.*"
+                                        r"hf download acme/tiny --repo-type dataset"):
         load_source("hf:acme/tiny")
     write_prepared_dataset(prepared, "acme/tiny")
     spec = "hf:acme/tiny"
@@ -87,3 +89,31 @@ def test_not_in_the_cache_and_a_configuration_it_lacks(caches):
         load_source(spec, DataConfig(source=spec, hf_config="other"))
     # the configuration the arrow cache lacks comes from the hub cache
     assert len(load_source(spec, DataConfig(source=spec, hf_config="second"))) == 60
+
+
+def test_both_caches_give_the_fingerprints_of_the_hub_files(caches, tmp_path, monkeypatch):
+    """An online load_dataset leaves the repository's files in the hub cache and their arrow conversion in the
+    datasets cache: the arrow files are read (nothing is converted again), fingerprinted as the hub files are."""
+    hub, prepared = caches
+    write_hub_dataset(hub, "acme/tiny")
+    only_hub = digest("hf:acme/tiny")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets2"))
+    arrow = write_prepared_dataset(tmp_path / "datasets2", "acme/tiny")
+    src = load_source("hf:acme/tiny")
+    check_rows(src)
+    assert {Path(f["filename"]).parent for ds in src.reader.parts for f in ds.cache_files} == {arrow}
+    assert src.content_digest(np.arange(len(src))) == only_hub
+    # arrow files prepared from another revision than the hub cache's: their own fingerprints
+    shutil.rmtree(hub)
+    write_hub_dataset(hub, "acme/tiny", revision="0" * 40)
+    assert digest("hf:acme/tiny") != only_hub
+
+
+def test_three_stages_on_a_downloaded_repository(caches, tmp_path):
+    from test_hf_wds import three_stages
+
+    hub, prepared = caches
+    write_hub_dataset(hub, "acme/tiny")
+    out = three_stages("hf:acme/tiny", tmp_path, "--set", "data.use_official_test=true")
+    art = torch.load(out / "t" / "teacher.pt", weights_only=True)
+    assert art["class_names"] == CLASS_NAMES and art["data"]["source"] == "hf:acme/tiny"

@@ -146,9 +146,11 @@ def _open_hub(datasets: Any, spec: str, repo: str, config: str | None) -> tuple[
     in the datasets cache), else the repository's files that a download left in the hub cache, read as a folder."""
     try:
         with _quiet(datasets):
-            return _split_dict(datasets, datasets.load_dataset(repo, name=config, cache_dir=datasets_cache_dir())), {}
+            loaded = _split_dict(datasets, datasets.load_dataset(repo, name=config, cache_dir=datasets_cache_dir()))
     except Exception as exc:  # offline and never prepared: ConnectionError; another configuration: ValueError
         failed = exc
+    else:
+        return loaded, _prepared_identities(datasets, repo, loaded)
     snapshot = _hub_snapshot(repo)
     if snapshot is None:
         prepared = _prepared_configs(repo)
@@ -172,6 +174,29 @@ def _hub_snapshot(repo: str) -> str | None:
         return snapshot_download(repo_id=repo, repo_type="dataset", cache_dir=hub_cache_dir(), local_files_only=True)
     except (OSError, ValueError):  # not in the cache (LocalEntryNotFoundError), not a repository name
         return None
+
+
+def _prepared_identities(datasets: Any, repo: str, loaded: dict[str, Any]) -> dict[str, str]:
+    """For arrow files that ``load_dataset`` prepared from the very revision the hub cache holds (an online
+    ``load_dataset`` leaves both): its data files' identities, as :func:`_open_snapshot` names them, so that either
+    cache gives the same fingerprints. Empty when they cannot be matched."""
+    snapshot = _hub_snapshot(repo)
+    files = [str(f.get("filename", "")) for ds in loaded.values() for f in ds.cache_files]
+    if snapshot is None or not files:
+        return {}
+    folder = os.path.dirname(files[0])  # ORG___NAME/CONFIG/VERSION/REVISION
+    if os.path.basename(folder) != os.path.basename(snapshot) or any(os.path.dirname(f) != folder for f in files):
+        return {}
+    try:
+        with _quiet(datasets):
+            builder = datasets.load_dataset_builder(snapshot, name=os.path.basename(os.path.dirname(
+                os.path.dirname(folder))), cache_dir=datasets_cache_dir())
+        data_files = builder.config.data_files or {}
+        if all(data_files.get(name) for name in loaded):
+            return {name: _blob_identity(snapshot, data_files[name]) for name in loaded}
+    except Exception:  # noqa: BLE001 - another layout than the hub's: the arrow files' own identities
+        pass
+    return {}
 
 
 def _prepared_configs(repo: str) -> list[str]:
