@@ -3,6 +3,7 @@ in the library's own layout: the hub's file cache (``hf download ORG/NAME --repo
 ``datasets`` arrow cache (a former ``datasets.load_dataset``)."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -50,8 +51,11 @@ def test_a_downloaded_repository_in_the_hub_cache(caches, tmp_path, monkeypatch)
     before = digest(spec)
     assert digest(spec, DataConfig(source=spec, hf_config="plain")) == before  # its one configuration, named
     assert digest(spec) == before  # read again (now from the arrow files converted the first time)
-    # the same files in another cache, converted afresh: the same fingerprints (blobs are named by content)
+    # the same files in another cache, written at another time, converted afresh: the same fingerprints (the hub
+    # names its blobs by their content)
     monkeypatch.setenv("HF_HUB_CACHE", str(shutil.copytree(hub, tmp_path / "hub2", symlinks=True)))
+    for blob in (tmp_path / "hub2").glob("datasets--acme--tiny/blobs/*"):
+        os.utime(blob, (1_000_000_000, 1_000_000_000))
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets2"))
     assert digest(spec) == before
     # a new revision whose images are re-encoded: other fingerprints

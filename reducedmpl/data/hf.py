@@ -246,7 +246,7 @@ def _open_snapshot(datasets: Any, spec: str, repo: str, snapshot: str,
         raise DataError(f"cannot load the Hugging Face dataset {repo} of {spec!r} from its cached files "
                         f"({_first_line(exc)})", _fetch_hint(repo)) from None
     files = builder.config.data_files or {}
-    return loaded, {name: _blob_identity(snapshot, files.get(name, [])) for name in loaded}
+    return loaded, {name: _blob_identity(snapshot, files[name]) for name in loaded if files.get(name)}
 
 
 def _blob_identity(snapshot: str, paths: list[str]) -> str:
@@ -256,8 +256,8 @@ def _blob_identity(snapshot: str, paths: list[str]) -> str:
     for path in paths:
         real = os.path.realpath(path)
         stat = os.stat(real)
-        name = (os.path.basename(real) if real != os.path.abspath(path)
-                else f"{os.path.relpath(path, snapshot)}@{stat.st_mtime_ns}")
+        linked = os.path.islink(path) and os.path.basename(os.path.dirname(real)) == "blobs"
+        name = os.path.basename(real) if linked else f"{os.path.relpath(path, snapshot)}@{stat.st_mtime_ns}"
         parts.append(f"{name}:{stat.st_size}")
     return "hub-files|" + ",".join(parts)
 
