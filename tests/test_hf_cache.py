@@ -88,11 +88,14 @@ def test_not_in_the_cache_and_a_configuration_it_lacks(caches):
     spec = "hf:acme/tiny"
     with pytest.raises(DataError, match=r"no configuration 'other' in the local cache \(configurations: plain\)"):
         load_source(spec, DataConfig(source=spec, hf_config="other"))
-    write_hub_dataset(hub, "acme/tiny", config="second")
-    with pytest.raises(DataError, match=r"no configuration 'other' .*\(configurations: plain, second\)"):
+    write_prepared_dataset(prepared, "acme/tiny", config="second")
+    with pytest.raises(DataError, match=r"several configurations in the local cache \(plain, second\).*hf_config"):
+        load_source(spec)
+    write_hub_dataset(hub, "acme/tiny", config="third")
+    with pytest.raises(DataError, match=r"no configuration 'other' .*\(configurations: plain, second, third\)"):
         load_source(spec, DataConfig(source=spec, hf_config="other"))
     # the configuration the arrow cache lacks comes from the hub cache
-    assert len(load_source(spec, DataConfig(source=spec, hf_config="second"))) == 60
+    assert len(load_source(spec, DataConfig(source=spec, hf_config="third"))) == 60
 
 
 def test_both_caches_give_the_fingerprints_of_the_hub_files(caches, tmp_path, monkeypatch):
