@@ -120,7 +120,7 @@ def test_three_stages_on_a_downloaded_repository(caches, tmp_path):
     from test_hf_wds import three_stages
 
     hub, prepared = caches
-    write_hub_dataset(hub, "acme/tiny")
+    write_hub_dataset(hub, "acme/tiny", n=36, test=6)
     out = three_stages("hf:acme/tiny", tmp_path, "--set", "data.use_official_test=true")
     art = torch.load(out / "t" / "teacher.pt", weights_only=True)
     assert art["class_names"] == CLASS_NAMES and art["data"]["source"] == "hf:acme/tiny"
