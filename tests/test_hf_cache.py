@@ -124,3 +124,17 @@ def test_three_stages_on_a_downloaded_repository(caches, tmp_path):
     out = three_stages("hf:acme/tiny", tmp_path, "--set", "data.use_official_test=true")
     art = torch.load(out / "t" / "teacher.pt", weights_only=True)
     assert art["class_names"] == CLASS_NAMES and art["data"]["source"] == "hf:acme/tiny"
+
+
+def test_a_downloaded_repository_of_several_configurations(caches):
+    hub, prepared = caches
+    write_hub_dataset(hub, "acme/two", config="a")
+    snapshot = write_hub_dataset(hub, "acme/two", n=30, test=6, config="b")
+    (snapshot / "README.md").unlink()  # a README that declares both
+    (snapshot / "README.md").write_text("---\nconfigs:\n" + "".join(
+        f"- config_name: {c}\n  data_files:\n  - split: train\n    path: {c}/train-*\n  - split: test\n"
+        f"    path: {c}/test-*\n" for c in "ab") + "---\n")
+    spec = "hf:acme/two"
+    with pytest.raises(DataError, match=r"several configurations in the local cache \(a, b\).*set data.hf_config"):
+        load_source(spec)
+    check_rows(load_source(spec, DataConfig(source=spec, hf_config="b")), 30, 6)
