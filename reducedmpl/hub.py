@@ -65,7 +65,7 @@ def _fetch_hint(hub_id: str) -> str:
             "pretrained=True)) and point HF_HOME or HF_HUB_CACHE at that cache")
 
 
-def _cache_dir() -> str | None:
+def hub_cache_dir() -> str | None:
     """The Hub cache the environment names now (the library reads it once, when it is imported)."""
     if os.environ.get("HF_HUB_CACHE"):
         return os.environ["HF_HUB_CACHE"]
@@ -88,7 +88,7 @@ def _download(hub_id: str, filename: str, revision: str | None, name: str) -> st
     except ImportError:  # pragma: no cover - timm depends on huggingface_hub
         raise ConfigError("pretrained weights need the huggingface_hub package", "pip install huggingface_hub")
     try:
-        return hf_hub_download(repo_id=hub_id, filename=filename, revision=revision, cache_dir=_cache_dir(),
+        return hf_hub_download(repo_id=hub_id, filename=filename, revision=revision, cache_dir=hub_cache_dir(),
                                local_files_only=_offline())
     except LocalEntryNotFoundError:
         raise ConfigError(f"model {name!r}: {hub_id}/{filename} is not in the Hugging Face cache and cannot be "

@@ -89,3 +89,57 @@ def write_wds(root: Path, shards: int = 3, per_shard: int = 20, *, drop_cls: str
 
 def wds_spec(root: Path, shards: int = 3) -> str:
     return f"wds:{root}/shard-{{000000..{shards - 1:06d}}}.tar"
+
+
+HUB_DATASET_REVISION = "5e1d4c3b2a1908f7e6d5c4b3a2918f7e6d5c4b3a"
+
+
+def write_hub_dataset(cache: Path, repo: str, n: int = 60, test: int = 12, config: str = "plain",
+                      revision: str = HUB_DATASET_REVISION, **kwargs) -> Path:
+    """A dataset repository in a Hugging Face Hub cache as ``hf download REPO --repo-type dataset`` leaves it:
+    ``datasets--ORG--NAME/blobs/SHA256`` (the parquet files and a README declaring configuration ``config``),
+    ``snapshots/REVISION/...`` linking there, ``refs/main``. Returns the snapshot folder."""
+    import hashlib
+    import os
+
+    folder = cache / ("datasets--" + repo.replace("/", "--"))
+    snapshot = folder / "snapshots" / revision
+    staging = write_hf_parquet(folder / "staging", n, test, **kwargs)
+    readme = (f"---\nconfigs:\n- config_name: {config}\n  data_files:\n"
+              f"  - split: train\n    path: {config}/train-*\n  - split: test\n    path: {config}/test-*\n---\n")
+    (staging / "README.md").write_text(readme)
+    (folder / "blobs").mkdir(parents=True, exist_ok=True)
+    for file in sorted(staging.iterdir()):
+        blob = folder / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        file.replace(blob)
+        link = snapshot / (file.name if file.suffix == ".md" else f"{config}/{file.name}")
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    staging.rmdir()
+    (folder / "refs").mkdir(exist_ok=True)
+    (folder / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+def write_prepared_dataset(cache: Path, repo: str, n: int = 60, test: int = 12, config: str = "plain",
+                           revision: str = HUB_DATASET_REVISION, **kwargs) -> Path:
+    """A dataset in a ``datasets`` cache as ``datasets.load_dataset(REPO)`` online leaves it: the parquet builder's
+    arrow files and ``dataset_info.json`` in ``ORG___NAME/CONFIG/0.0.0/REVISION``. Returns that folder."""
+    import shutil
+
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    source = write_hf_parquet(cache / "incoming-parquet", n, test, **kwargs)
+    name = repo.split("/")[-1]
+    builder = Parquet(cache_dir=str(cache / "incoming"), dataset_name=name, config_name=config, hash=revision,
+                      data_files={split: [str(source / f"{split}-00000-of-00001.parquet")]
+                                  for split in ("train", "test")})
+    builder.download_and_prepare()
+    dest = cache / repo.replace("/", "___") / config / "0.0.0" / revision
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(builder.cache_dir, dest)
+    shutil.rmtree(cache / "incoming")
+    shutil.rmtree(source)
+    return dest

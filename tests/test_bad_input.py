@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from conftest import REPO, assert_one_line_error, cli
-from hf_wds_data import encoded, pixels, wds_spec, write_hf_parquet, write_wds
+from hf_wds_data import encoded, pixels, wds_spec, write_hf_parquet, write_hub_dataset, write_wds
 from reducedmpl.errors import MESSAGE_MAX_BYTES, UserError
 from reducedmpl.targets import TargetStore
 
@@ -549,6 +549,27 @@ def tl_hf_undecodable_image(tmp: Path, fx: Fx) -> Case:
                  "--set", "data.test_size=0", "--out", out],
                 ("cannot decode the image of row 7 (train row 7)", "cannot identify image file its bytes",
                  "fix or drop that row"), bad)
+
+
+def tl_hf_hub_dataset_not_in_cache(tmp: Path, fx: Fx) -> Case:
+    pytest.importorskip("datasets")
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", "hf:acme/never-fetched", *HF_FAST, "--out", out],
+                ("acme/never-fetched is not in the local Hugging Face caches and cannot be downloaded (offline)",
+                 "`hf download acme/never-fetched --repo-type dataset`"), bad)
+
+
+def tl_hf_hub_dataset_without_the_config(tmp: Path, fx: Fx) -> Case:
+    pytest.importorskip("datasets")
+    env = fx.request.getfixturevalue("monkeypatch")
+    env.setenv("HF_HUB_CACHE", str(tmp / "hub"))
+    env.setenv("HF_DATASETS_CACHE", str(tmp / "datasets"))
+    snapshot = write_hub_dataset(tmp / "hub", "acme/tiny", config="small")
+    out, bad = tl_out(tmp)
+    return Case(["train-large", "--data", "hf:acme/tiny", *HF_FAST, "--set", "data.hf_config=large", "--out", out],
+                ("'hf:acme/tiny' has no configuration 'large' in the local cache (configurations: small)",
+                 "set data.hf_config to one of those"), bad,
+                unchanged=[snapshot / "README.md", snapshot / "small" / "train-00000-of-00001.parquet"])
 
 
 def tl_wds_missing_cls(tmp: Path, fx: Fx) -> Case:
@@ -1402,6 +1423,7 @@ BUILDERS: list[Callable[[Path, Fx], Case]] = [
     tl_folder_linked_under_two_classes, tl_folder_empty_image,
     tl_model_too_small_input, tl_pretrained_unknown_name, tl_pretrained_unknown_tag, tl_pretrained_not_in_cache,
     tl_pretrained_head_never_trained, tl_bad_init, tl_hf_missing_column, tl_hf_label_outside_classes, tl_hf_undecodable_image,
+    tl_hf_hub_dataset_not_in_cache, tl_hf_hub_dataset_without_the_config,
     tl_wds_missing_cls, tl_wds_undecodable_image, tl_wds_undecodable_image_in_a_worker,
     tl_wds_pattern_matches_nothing,
     pc_topk_too_large, pc_negative_topk, pc_teacher_truncated, pc_teacher_other_arch, pc_checkpoint_other_arch,
