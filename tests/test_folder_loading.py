@@ -111,6 +111,24 @@ def test_item_augmentation_leaves_the_process_generators_alone(folder):
     assert loading.item_seed(1, 0, 5) != loading.item_seed(1, 1, 5) != loading.item_seed(1, 0, 6)
 
 
+def test_workers_fork_only_when_no_other_thread_could_hold_a_lock(folder):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    assert loading.start_method("spawn") == "spawn"
+    with ThreadPoolExecutor(1) as pool:  # a loader made in a pool thread, or beside one, is never forked
+        assert pool.submit(loading.start_method).result() == "spawn"
+        assert loading.start_method() == "spawn"
+    if threading.active_count() == 1 and not torch.cuda.is_initialized():
+        assert loading.start_method() == "fork"
+    ref = epochs(batcher(folder, 0), 1)
+    b = batcher(folder, 2)
+    b.cfg.start_method = "spawn"
+    assert same(epochs(b, 1), ref)
+    with pytest.raises(Exception, match="data.start_method must be one of auto, fork, spawn"):
+        DataConfig(start_method="thread").validate()
+
+
 TRAIN = ["train-large", "--model", "test_resnet", "--epochs", "2", "--batch-size", "8", "--quiet",
          "--set", f"data.randaugment={RANDAUG}", "--set", "data.input_size=16", "--set", "data.hflip=true",
          "--set", "data.labeled_per_class=8"]

@@ -12,6 +12,7 @@ exactly the batches an uninterrupted run would.
 from __future__ import annotations
 
 import random
+import sys
 import threading
 import warnings
 import weakref
@@ -280,7 +281,8 @@ class Batcher:
             return (torch.zeros(0, self.prep.in_chans, size, size), torch.zeros(0, dtype=torch.int64),
                     torch.zeros(0, dtype=torch.int64))
         if self._folder is not None:
-            return self._folder.collate([self._folder[(int(p), epoch)] for p in pos])
+            with process_rngs_kept():  # the generators saved once for the batch, not once per image
+                return self._folder.collate([self._folder[(int(p), epoch)] for p in pos])
         if self._views is not None:
             return self._views[self._view_key(epoch, pos)]
         a = self._arrays
@@ -443,23 +445,46 @@ def item_seed(seed: int, epoch: int, row: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, row, 0x1F0]).generate_state(1)[0])
 
 
-_RNG_LOCK = threading.Lock()
+_RNG_LOCK = threading.RLock()
+_KEPT = threading.local()  # depth of process_rngs_kept() blocks open in this thread
+
+
+def _seed_process_rngs(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)  # the CPU generator only: torch.manual_seed also queues CUDA's
+
+
+@contextmanager
+def process_rngs_kept():
+    """Python's, NumPy's and torch's (CPU) global generators as they were on entry, restored on exit, under the lock;
+    :func:`seeded_process_rngs` inside only seeds them (saving NumPy's state costs ~40 us: once per batch, not per
+    image)."""
+    with _RNG_LOCK:
+        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        _KEPT.depth = getattr(_KEPT, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            _KEPT.depth -= 1
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
 
 
 @contextmanager
 def seeded_process_rngs(seed: int):
-    """Python's, NumPy's and torch's (CPU) global generators seeded from ``seed``, restored on exit."""
-    with _RNG_LOCK:
-        py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.default_generator.manual_seed(seed)  # the CPU generator only: torch.manual_seed also queues CUDA's
-        try:
+    """Python's, NumPy's and torch's (CPU) global generators seeded from ``seed``, restored on exit: by this block, by
+    an enclosing :func:`process_rngs_kept`, or not at all in a DataLoader worker (whose generators are its own, each
+    item seeding them afresh)."""
+    if getattr(_KEPT, "depth", 0) or torch.utils.data.get_worker_info() is not None:
+        with _RNG_LOCK:
+            _seed_process_rngs(seed)
             yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-            torch.set_rng_state(torch_state)
+        return
+    with process_rngs_kept():
+        _seed_process_rngs(seed)
+        yield
 
 
 class _EpochBatches(torch.utils.data.Sampler):
@@ -477,15 +502,38 @@ class _EpochBatches(torch.utils.data.Sampler):
             yield self.batcher.loader_keys(self.epoch, b)
 
 
+def start_method(setting: str = "auto") -> str:
+    """How DataLoader workers start (``data.start_method``). ``auto``: forked, as torch's own default on Linux, when
+    that is safe: fork is available, CUDA is not initialised and the caller is the main thread with no other Python
+    thread alive (a fork copies whatever lock another thread holds at that moment; seen: a worker forked from a
+    thread pool hung for good in its first ``torch.manual_seed``); otherwise spawned. (Not a fork server: its
+    workers outlive a killed run, as their parent, the server, lives on.)"""
+    if setting != "auto":
+        return setting
+    import multiprocessing
+
+    if ("fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized()
+            and threading.active_count() == 1 and threading.current_thread() is threading.main_thread()):
+        return "fork"
+    return "spawn"
+
+
 def _folder_loader(batcher: "Batcher", items: torch.utils.data.Dataset, workers: int) -> torch.utils.data.DataLoader:
     """A DataLoader over ``items`` (folder images, or batches of stored views) in ``workers`` processes that stay
-    alive across epochs, prefetching.
-
-    The workers are spawned, not forked: a fork copies whatever lock another thread of this process holds at
-    that moment (seen: a forked worker hung for good in its first ``torch.manual_seed`` in a process that had run
-    thread pools). Spawning costs a few seconds of start-up once per loader (its workers persist)."""
-    context = "spawn"
+    alive across epochs, prefetching, started as :func:`start_method` says (a spawned worker imports torch itself:
+    seconds, once per loader, as the workers persist; a forked one starts at once)."""
     return torch.utils.data.DataLoader(
         items, batch_sampler=_EpochBatches(batcher), num_workers=workers, collate_fn=items.collate,
         pin_memory=torch.cuda.is_available(), persistent_workers=True, prefetch_factor=4,
-        multiprocessing_context=context)
+        multiprocessing_context=start_method(batcher.cfg.start_method), worker_init_fn=die_with_parent)
+
+
+def die_with_parent(_worker: int = 0) -> None:
+    """Have Linux kill this worker when the process that started it dies. A forked worker holds the read end of its
+    siblings' result pipes: left alone after a SIGKILL of the run, it could wait for good on a full pipe, holding the
+    run's output open."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
