@@ -64,8 +64,8 @@ TARGET_RATIO, TARGET_LISTING_S, TARGET_STARTUP_S, TARGET_RSS_MB, TARGET_LOADING 
 
 # ---------------------------------------------------------------------------------------------- the data
 def classes(n: int) -> int:
-    """1,000 classes; fewer (at least 12, for top-10 targets) for a set too small to fill them (tests)."""
-    return min(CLASSES, max(12, n // 20))
+    """1,000 classes; for a set under 10,000 rows (tests) one per 20 rows, at least 12 (for top-10 targets)."""
+    return CLASSES if n >= SHARD_ROWS else min(CLASSES, max(12, n // 20))
 
 
 def held_out(n: int) -> int:
@@ -126,7 +126,8 @@ def ensure_data(cache: Path, n: int, jobs: int) -> tuple[Path, Path, float]:
     else:
         n_shards = n // SHARD_ROWS
         with ProcessPoolExecutor(jobs) as pool:
-            list(pool.map(write_chunk, [str(folder)] * n_shards, [str(wds)] * n_shards, range(n_shards)))
+            list(pool.map(write_chunk, [str(folder)] * n_shards, [str(wds)] * n_shards, range(n_shards),
+                          [SHARD_ROWS] * n_shards, [CLASSES] * n_shards))
     seconds = time.perf_counter() - t0
     done.write_text(json.dumps({"rows": n, "seconds": seconds}))
     return folder, wds, seconds

@@ -111,6 +111,16 @@ def test_item_augmentation_leaves_the_process_generators_alone(folder):
     assert loading.item_seed(1, 0, 5) != loading.item_seed(1, 1, 5) != loading.item_seed(1, 0, 6)
 
 
+def test_an_epoch_draws_its_order_once(folder, monkeypatch):
+    calls = []
+    original = loading.epoch_order
+    monkeypatch.setattr(loading, "epoch_order", lambda *a: calls.append(a) or original(*a))
+    b = batcher(folder, 0)
+    assert len(list(b.epoch(0))) == len(b) > 1 and len(calls) == 1  # not once per batch (ms at a million rows)
+    b.batch(1, 0), b.batch(1, 1)
+    assert len(calls) == 2
+
+
 def test_workers_fork_only_when_no_other_thread_could_hold_a_lock(folder):
     import threading
     from concurrent.futures import ThreadPoolExecutor

@@ -263,13 +263,16 @@ class Batcher:
 
             self._views = ViewBatches(replay)
         self._loader = None  # the DataLoader of folder items or views, made on first use when cfg.num_workers > 0
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its order of positions)
 
     def __len__(self) -> int:
         n = len(self.indices)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def _positions(self, epoch: int, b: int) -> np.ndarray:
-        order = epoch_order(len(self.indices), self.seed, epoch, self.train)
+        if self._order is None or self._order[0] != epoch:  # drawn once per epoch, not per batch (ms at 1 M rows)
+            self._order = (epoch, epoch_order(len(self.indices), self.seed, epoch, self.train))
+        order = self._order[1]
         return rank_slice(order[b * self.batch_size:(b + 1) * self.batch_size], self.dist)
 
     def batch(self, epoch: int, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
