@@ -111,6 +111,14 @@ def test_item_augmentation_leaves_the_process_generators_alone(folder):
     assert loading.item_seed(1, 0, 5) != loading.item_seed(1, 1, 5) != loading.item_seed(1, 0, 6)
 
 
+def test_a_batchs_item_seeds_are_computed_at_once_with_the_same_values():
+    rng = np.random.default_rng(0)
+    for seed in (0, 7, 2**32 - 1, 2**40):  # the last: more than one 32-bit word, through SeedSequence itself
+        epochs, rows = rng.integers(0, 100, 300), rng.integers(0, 2**31, 300)
+        want = [loading.item_seed(seed, int(e), int(r)) for e, r in zip(epochs, rows)]
+        assert loading.item_seeds(seed, epochs, rows).tolist() == want
+
+
 def test_an_epoch_draws_its_order_once(folder, monkeypatch):
     calls = []
     original = loading.epoch_order

@@ -285,7 +285,7 @@ class Batcher:
                     torch.zeros(0, dtype=torch.int64))
         if self._folder is not None:
             with process_rngs_kept():  # the generators saved once for the batch, not once per image
-                return self._folder.collate([self._folder[(int(p), epoch)] for p in pos])
+                return self._folder.collate(self._folder.__getitems__([(int(p), epoch) for p in pos]))
         if self._views is not None:
             return self._views[self._view_key(epoch, pos)]
         a = self._arrays
@@ -406,8 +406,18 @@ class _FolderItems(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
-        pos, epoch = key
-        row = int(self.indices[pos])
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[tuple[torch.Tensor, int, int]]:
+        """The items of a batch's keys (a DataLoader fetches a batch with one call); the augmentation seeds of all
+        of them computed at once (:func:`item_seeds`)."""
+        rows = self.indices[np.array([pos for pos, _ in keys], dtype=np.int64)].astype(np.int64)
+        epochs = np.array([epoch for _, epoch in keys], dtype=np.int64)
+        seeds = item_seeds(self.seed, epochs, rows) if self.train and self.replay is None else epochs
+        return [self._item(row, epoch, seed) for row, epoch, seed in zip(rows.tolist(), epochs.tolist(),
+                                                                        seeds.tolist())]
+
+    def _item(self, row: int, epoch: int, seed: int) -> tuple[torch.Tensor, int, int]:
         if self.replay is not None:  # the row's stored view of this epoch
             from .views import pick_views
 
@@ -416,7 +426,7 @@ class _FolderItems(torch.utils.data.Dataset):
         img = self.source.pil_image(row, "RGB")  # straight to PIL: timm's transforms take it
         if not self.train:  # evaluation transforms draw nothing
             return self.transform(img), int(self.source.labels[row]), row
-        with seeded_process_rngs(item_seed(self.seed, epoch, row)):
+        with seeded_process_rngs(seed):
             x = self.transform(img)
         return x, int(self.source.labels[row]), row
 
@@ -446,6 +456,41 @@ def folder_transform(prep: Preprocess, train: bool, randaugment: str | None, hfl
 def item_seed(seed: int, epoch: int, row: int) -> int:
     """The seed of one image's augmentation in one epoch: a function of (seed, epoch, row id) only."""
     return int(np.random.SeedSequence([seed, epoch, row, 0x1F0]).generate_state(1)[0])
+
+
+_MIX_A, _MIX_B, _MIX_L, _MIX_R = 0x43B0D7E5, 0x8B51F9DD, 0xCA01F9DD, 0x4973F715  # numpy's SeedSequence constants
+_MULT_A, _MULT_B = 0x931E8875, 0x58F38DED
+
+
+def item_seeds(seed: int, epochs: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """:func:`item_seed` of many (epoch, row) pairs at once, as uint64: numpy's ``SeedSequence`` hash of the four
+    32-bit words [seed, epoch, row, 0x1F0] and its first state word, computed on arrays (~10 us an image saved);
+    values of 2**32 or more (more words) go through ``SeedSequence`` itself."""
+    epochs, rows = np.asarray(epochs, dtype=np.int64), np.asarray(rows, dtype=np.int64)
+    if not (0 <= seed < 2**32) or (epochs.size and (epochs.max() >= 2**32 or rows.max() >= 2**32)):
+        return np.array([item_seed(seed, int(e), int(r)) for e, r in zip(epochs, rows)], dtype=np.uint64)
+    mask = np.uint64(0xFFFFFFFF)
+    words = [np.full(rows.shape, seed, np.uint64), epochs.astype(np.uint64), rows.astype(np.uint64),
+             np.full(rows.shape, 0x1F0, np.uint64)]
+    const = [_MIX_A]
+
+    def hashmix(value: np.ndarray) -> np.ndarray:
+        value = value ^ np.uint64(const[0])
+        const[0] = const[0] * _MULT_A & 0xFFFFFFFF
+        value = value * np.uint64(const[0]) & mask
+        return value ^ (value >> np.uint64(16))
+
+    def mix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        r = (np.uint64(_MIX_L) * x - np.uint64(_MIX_R) * y) & mask
+        return r ^ (r >> np.uint64(16))
+
+    pool = [hashmix(w) for w in words]
+    for src in range(4):
+        for dst in range(4):
+            if src != dst:
+                pool[dst] = mix(pool[dst], hashmix(pool[src]))
+    out = (pool[0] ^ np.uint64(_MIX_B)) * np.uint64(_MIX_B * _MULT_B & 0xFFFFFFFF) & mask
+    return out ^ (out >> np.uint64(16))
 
 
 _RNG_LOCK = threading.RLock()
