@@ -38,6 +38,9 @@ MAX_SHARDS = 10_000
 
 
 # --------------------------------------------------------------------------------------------------- sections
+START_METHODS = ("auto", "fork", "spawn")  # data.start_method (auto: data.loading.start_method)
+
+
 @dataclass
 class DataConfig:
     """Which data, how it is split, and how it is augmented."""
@@ -54,6 +57,7 @@ class DataConfig:
     hflip: bool = False
     randaugment: str | None = None  # e.g. "rand-m9-n2" (magnitude 9, 2 ops)
     num_workers: int = 0  # DataLoader workers for image folders (and hf: / wds: sources)
+    start_method: str = "auto"  # how DataLoader workers start: auto, fork or spawn
     image_column: str | None = None  # hf: the image column (default: the one Image feature); wds: the image field
     label_column: str | None = None  # hf: the label column (default: the one ClassLabel); wds: the label field
     hf_config: str | None = None  # hf: the dataset's configuration (subset) name
@@ -72,6 +76,8 @@ class DataConfig:
                f"data.input_size must be in 4..{MAX_INPUT_SIZE}")
         _check(self.crop_padding >= 0, "data.crop_padding must be >= 0")
         _check(self.num_workers >= 0, "data.num_workers must be >= 0")
+        _check(self.start_method in START_METHODS,
+               f"data.start_method must be one of {', '.join(START_METHODS)}, got {self.start_method!r}")
         if self.randaugment is not None:
             parse_randaugment(self.randaugment)
         self._validate_source_settings()

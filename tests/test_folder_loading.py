@@ -111,6 +111,42 @@ def test_item_augmentation_leaves_the_process_generators_alone(folder):
     assert loading.item_seed(1, 0, 5) != loading.item_seed(1, 1, 5) != loading.item_seed(1, 0, 6)
 
 
+def test_a_batchs_item_seeds_are_computed_at_once_with_the_same_values():
+    rng = np.random.default_rng(0)
+    for seed in (0, 7, 2**32 - 1, 2**40):  # the last: more than one 32-bit word, through SeedSequence itself
+        epochs, rows = rng.integers(0, 100, 300), rng.integers(0, 2**31, 300)
+        want = [loading.item_seed(seed, int(e), int(r)) for e, r in zip(epochs, rows)]
+        assert loading.item_seeds(seed, epochs, rows).tolist() == want
+
+
+def test_an_epoch_draws_its_order_once(folder, monkeypatch):
+    calls = []
+    original = loading.epoch_order
+    monkeypatch.setattr(loading, "epoch_order", lambda *a: calls.append(a) or original(*a))
+    b = batcher(folder, 0)
+    assert len(list(b.epoch(0))) == len(b) > 1 and len(calls) == 1  # not once per batch (ms at a million rows)
+    b.batch(1, 0), b.batch(1, 1)
+    assert len(calls) == 2
+
+
+def test_workers_fork_only_when_no_other_thread_could_hold_a_lock(folder):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    assert loading.start_method("spawn") == "spawn"
+    with ThreadPoolExecutor(1) as pool:  # a loader made in a pool thread, or beside one, is never forked
+        assert pool.submit(loading.start_method).result() == "spawn"
+        assert loading.start_method() == "spawn"
+    if threading.active_count() == 1 and not torch.cuda.is_initialized():
+        assert loading.start_method() == "fork"
+    ref = epochs(batcher(folder, 0), 1)
+    b = batcher(folder, 2)
+    b.cfg.start_method = "spawn"
+    assert same(epochs(b, 1), ref)
+    with pytest.raises(Exception, match="data.start_method must be one of auto, fork, spawn"):
+        DataConfig(start_method="thread").validate()
+
+
 TRAIN = ["train-large", "--model", "test_resnet", "--epochs", "2", "--batch-size", "8", "--quiet",
          "--set", f"data.randaugment={RANDAUG}", "--set", "data.input_size=16", "--set", "data.hflip=true",
          "--set", "data.labeled_per_class=8"]

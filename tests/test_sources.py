@@ -562,6 +562,8 @@ def test_folder_digest(tmp_path: Path) -> None:
     d03 = src.content_digest(np.array([0, 3]))
     assert d == load_source(f"folder:{root}").content_digest(idx)
     assert src.content_digest(np.array([1, 0, 3])) != d
+    for spelled in (f"{root}/", f"{root}//", os.path.relpath(root), f"./{os.path.relpath(root)}"):
+        assert load_source(f"folder:{spelled}").content_digest(idx) == d, spelled  # however the root is written
     moved = tmp_path / "moved"
     os.rename(root, moved)  # digest depends on paths relative to the root, not on where the root is
     assert load_source(f"folder:{moved}").content_digest(idx) == d

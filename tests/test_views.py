@@ -53,6 +53,31 @@ def test_each_row_reads_the_target_of_its_own_view(tmp_path: Path, budget: int) 
             store.log_probs(ids[:2], views=[0, 1, 2])
 
 
+@pytest.mark.parametrize("topk", [None, 4])
+def test_out_of_core_reads_only_the_chosen_view_of_each_row(tmp_path: Path, monkeypatch, topk) -> None:
+    from reducedmpl.targets import reader
+
+    monkeypatch.setattr(reader, "MERGE_GAP_BYTES", 1)  # no gap absorbed: each row its own block
+    extra = {} if topk is None else {"dtype": "float32", "topk": topk}
+    master, ids, all_views = write_view_store(tmp_path, num_rows=60, **extra)
+    rows = np.arange(0, 60, 3)
+    views = 1 + np.arange(len(rows)) % 3  # every row an augmented view
+    with h5py.File(master) as f:
+        names = [n for n in f if n.startswith("view_")]
+        per_view = sum(int(np.prod(f[n].shape[2:])) * f[n].dtype.itemsize for n in names)
+    for shard in (p for p in tmp_path.rglob("*.h5") if p != master):
+        with h5py.File(shard) as f:
+            assert all(f[n].chunks[1] == 1 for n in names)  # chunked one view at a time
+    with TargetStore.open(master, memory_budget_bytes=NONE) as store, \
+            TargetStore.open(master, memory_budget_bytes=BIG) as mem:
+        assert not store.in_memory
+        got = store.log_probs(ids[rows], views=views)
+        assert store.bytes_read == len(rows) * per_view  # one view per row; all of them would be 3x as many
+        np.testing.assert_array_equal(got, mem.log_probs(ids[rows], views=views))
+        if topk is None:
+            assert np.array_equal(store.logits(ids[rows], views=views), all_views[rows, views])
+
+
 def test_topk_views_keep_each_views_top_k(tmp_path: Path) -> None:
     master, ids, all_views = write_view_store(tmp_path, views=3, dtype="float32", topk=4)
     with h5py.File(master) as f:

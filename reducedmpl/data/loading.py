@@ -12,6 +12,7 @@ exactly the batches an uninterrupted run would.
 from __future__ import annotations
 
 import random
+import sys
 import threading
 import warnings
 import weakref
@@ -262,13 +263,16 @@ class Batcher:
 
             self._views = ViewBatches(replay)
         self._loader = None  # the DataLoader of folder items or views, made on first use when cfg.num_workers > 0
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, its order of positions)
 
     def __len__(self) -> int:
         n = len(self.indices)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def _positions(self, epoch: int, b: int) -> np.ndarray:
-        order = epoch_order(len(self.indices), self.seed, epoch, self.train)
+        if self._order is None or self._order[0] != epoch:  # drawn once per epoch, not per batch (ms at 1 M rows)
+            self._order = (epoch, epoch_order(len(self.indices), self.seed, epoch, self.train))
+        order = self._order[1]
         return rank_slice(order[b * self.batch_size:(b + 1) * self.batch_size], self.dist)
 
     def batch(self, epoch: int, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -280,7 +284,8 @@ class Batcher:
             return (torch.zeros(0, self.prep.in_chans, size, size), torch.zeros(0, dtype=torch.int64),
                     torch.zeros(0, dtype=torch.int64))
         if self._folder is not None:
-            return self._folder.collate([self._folder[(int(p), epoch)] for p in pos])
+            with process_rngs_kept():  # the generators saved once for the batch, not once per image
+                return self._folder.collate(self._folder.__getitems__([(int(p), epoch) for p in pos]))
         if self._views is not None:
             return self._views[self._view_key(epoch, pos)]
         a = self._arrays
@@ -401,8 +406,18 @@ class _FolderItems(torch.utils.data.Dataset):
         return len(self.indices)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
-        pos, epoch = key
-        row = int(self.indices[pos])
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[tuple[torch.Tensor, int, int]]:
+        """The items of a batch's keys (a DataLoader fetches a batch with one call); the augmentation seeds of all
+        of them computed at once (:func:`item_seeds`)."""
+        rows = self.indices[np.array([pos for pos, _ in keys], dtype=np.int64)].astype(np.int64)
+        epochs = np.array([epoch for _, epoch in keys], dtype=np.int64)
+        seeds = item_seeds(self.seed, epochs, rows) if self.train and self.replay is None else epochs
+        return [self._item(row, epoch, seed) for row, epoch, seed in zip(rows.tolist(), epochs.tolist(),
+                                                                        seeds.tolist())]
+
+    def _item(self, row: int, epoch: int, seed: int) -> tuple[torch.Tensor, int, int]:
         if self.replay is not None:  # the row's stored view of this epoch
             from .views import pick_views
 
@@ -412,7 +427,7 @@ class _FolderItems(torch.utils.data.Dataset):
         img = self.source.pil_image(row, "RGB")  # straight to PIL: timm's transforms take it
         if not self.train:  # evaluation transforms draw nothing
             return self.transform(img), int(self.source.labels[row]), row
-        with seeded_process_rngs(item_seed(self.seed, epoch, row)):
+        with seeded_process_rngs(seed):
             x = self.transform(img)
         return x, int(self.source.labels[row]), row
 
@@ -444,23 +459,81 @@ def item_seed(seed: int, epoch: int, row: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, row, 0x1F0]).generate_state(1)[0])
 
 
-_RNG_LOCK = threading.Lock()
+_MIX_A, _MIX_B, _MIX_L, _MIX_R = 0x43B0D7E5, 0x8B51F9DD, 0xCA01F9DD, 0x4973F715  # numpy's SeedSequence constants
+_MULT_A, _MULT_B = 0x931E8875, 0x58F38DED
+
+
+def item_seeds(seed: int, epochs: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """:func:`item_seed` of many (epoch, row) pairs at once, as uint64: numpy's ``SeedSequence`` hash of the four
+    32-bit words [seed, epoch, row, 0x1F0] and its first state word, computed on arrays (~10 us an image saved);
+    values of 2**32 or more (more words) go through ``SeedSequence`` itself."""
+    epochs, rows = np.asarray(epochs, dtype=np.int64), np.asarray(rows, dtype=np.int64)
+    if not (0 <= seed < 2**32) or (epochs.size and (epochs.max() >= 2**32 or rows.max() >= 2**32)):
+        return np.array([item_seed(seed, int(e), int(r)) for e, r in zip(epochs, rows)], dtype=np.uint64)
+    mask = np.uint64(0xFFFFFFFF)
+    words = [np.full(rows.shape, seed, np.uint64), epochs.astype(np.uint64), rows.astype(np.uint64),
+             np.full(rows.shape, 0x1F0, np.uint64)]
+    const = [_MIX_A]
+
+    def hashmix(value: np.ndarray) -> np.ndarray:
+        value = value ^ np.uint64(const[0])
+        const[0] = const[0] * _MULT_A & 0xFFFFFFFF
+        value = value * np.uint64(const[0]) & mask
+        return value ^ (value >> np.uint64(16))
+
+    def mix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        r = (np.uint64(_MIX_L) * x - np.uint64(_MIX_R) * y) & mask
+        return r ^ (r >> np.uint64(16))
+
+    pool = [hashmix(w) for w in words]
+    for src in range(4):
+        for dst in range(4):
+            if src != dst:
+                pool[dst] = mix(pool[dst], hashmix(pool[src]))
+    out = (pool[0] ^ np.uint64(_MIX_B)) * np.uint64(_MIX_B * _MULT_B & 0xFFFFFFFF) & mask
+    return out ^ (out >> np.uint64(16))
+
+
+_RNG_LOCK = threading.RLock()
+_KEPT = threading.local()  # depth of process_rngs_kept() blocks open in this thread
+
+
+def _seed_process_rngs(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)  # the CPU generator only: torch.manual_seed also queues CUDA's
+
+
+@contextmanager
+def process_rngs_kept():
+    """Python's, NumPy's and torch's (CPU) global generators as they were on entry, restored on exit, under the lock;
+    :func:`seeded_process_rngs` inside only seeds them (saving NumPy's state costs ~40 us: once per batch, not per
+    image)."""
+    with _RNG_LOCK:
+        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        _KEPT.depth = getattr(_KEPT, "depth", 0) + 1
+        try:
+            yield
+        finally:
+            _KEPT.depth -= 1
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
 
 
 @contextmanager
 def seeded_process_rngs(seed: int):
-    """Python's, NumPy's and torch's (CPU) global generators seeded from ``seed``, restored on exit."""
-    with _RNG_LOCK:
-        py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.default_generator.manual_seed(seed)  # the CPU generator only: torch.manual_seed also queues CUDA's
-        try:
+    """Python's, NumPy's and torch's (CPU) global generators seeded from ``seed``, restored on exit: by this block, by
+    an enclosing :func:`process_rngs_kept`, or not at all in a DataLoader worker (whose generators are its own, each
+    item seeding them afresh)."""
+    if getattr(_KEPT, "depth", 0) or torch.utils.data.get_worker_info() is not None:
+        with _RNG_LOCK:
+            _seed_process_rngs(seed)
             yield
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-            torch.set_rng_state(torch_state)
+        return
+    with process_rngs_kept():
+        _seed_process_rngs(seed)
+        yield
 
 
 class _EpochBatches(torch.utils.data.Sampler):
@@ -478,15 +551,38 @@ class _EpochBatches(torch.utils.data.Sampler):
             yield self.batcher.loader_keys(self.epoch, b)
 
 
+def start_method(setting: str = "auto") -> str:
+    """How DataLoader workers start (``data.start_method``). ``auto``: forked, as torch's own default on Linux, when
+    that is safe: fork is available, CUDA is not initialised and the caller is the main thread with no other Python
+    thread alive (a fork copies whatever lock another thread holds at that moment; seen: a worker forked from a
+    thread pool hung for good in its first ``torch.manual_seed``); otherwise spawned. (Not a fork server: its
+    workers outlive a killed run, as their parent, the server, lives on.)"""
+    if setting != "auto":
+        return setting
+    import multiprocessing
+
+    if ("fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized()
+            and threading.active_count() == 1 and threading.current_thread() is threading.main_thread()):
+        return "fork"
+    return "spawn"
+
+
 def _folder_loader(batcher: "Batcher", items: torch.utils.data.Dataset, workers: int) -> torch.utils.data.DataLoader:
     """A DataLoader over ``items`` (folder images, or batches of stored views) in ``workers`` processes that stay
-    alive across epochs, prefetching.
-
-    The workers are spawned, not forked: a fork copies whatever lock another thread of this process holds at
-    that moment (seen: a forked worker hung for good in its first ``torch.manual_seed`` in a process that had run
-    thread pools). Spawning costs a few seconds of start-up once per loader (its workers persist)."""
-    context = "spawn"
+    alive across epochs, prefetching, started as :func:`start_method` says (a spawned worker imports torch itself:
+    seconds, once per loader, as the workers persist; a forked one starts at once)."""
     return torch.utils.data.DataLoader(
         items, batch_sampler=_EpochBatches(batcher), num_workers=workers, collate_fn=items.collate,
         pin_memory=torch.cuda.is_available(), persistent_workers=True, prefetch_factor=4,
-        multiprocessing_context=context)
+        multiprocessing_context=start_method(batcher.cfg.start_method), worker_init_fn=die_with_parent)
+
+
+def die_with_parent(_worker: int = 0) -> None:
+    """Have Linux kill this worker when the process that started it dies. A forked worker holds the read end of its
+    siblings' result pipes: left alone after a SIGKILL of the run, it could wait for good on a full pipe, holding the
+    run's output open."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG

@@ -41,7 +41,9 @@ table fits ``memory_budget_bytes`` it is loaded once and batches are gathered by
 batch needs are sorted and de-duplicated, rows separated by a small gap are merged into contiguous
 blocks, each block is fetched with one slice read, and the result is un-sorted to the caller's
 order (for random ids over a large table most blocks are single rows, but they are read in file
-order and never twice). The file is opened with HDF5's chunk cache disabled (``rdcc_nbytes=0``, which also applies
+order and never twice). For a store of several views a row's augmented view comes off the disk alone: the rows
+that chose view v are read as ``[start:stop, v]`` selections of the view_* tables, which are chunked one view at a
+time. The file is opened with HDF5's chunk cache disabled (``rdcc_nbytes=0``, which also applies
 to the shards behind the virtual datasets): uncompressed chunks are then read only where selected
 instead of whole into the cache. Measured on a 2-core machine with a page-cached 200k x 1000
 float16 table, reading random 256-row batches ran at ~90k-130k rows/s this way, versus ~15k-20k

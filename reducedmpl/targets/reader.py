@@ -172,8 +172,10 @@ class TargetStore:
             raise ArtifactError(f"targets store {path} has duplicate ids", REGENERATE)
         self.read_calls = 0  # HDF5 read calls made by the out-of-core path (one per block and field)
         self.blocks_read = 0  # contiguous row blocks planned by the out-of-core path
+        self.bytes_read = 0  # bytes of the selections the out-of-core path read
         self._merge_gap = max(1, MERGE_GAP_BYTES // max(1, self._row_bytes(self._fields)))
-        self._view_merge_gap = max(1, MERGE_GAP_BYTES // max(1, self._row_bytes(self._view_fields)))
+        one_view = self._row_bytes(self._view_fields) // max(1, meta.views - 1)  # a view_* read holds one view
+        self._view_merge_gap = max(1, MERGE_GAP_BYTES // max(1, one_view))
         table_bytes = (self._row_bytes(self._fields) + self._row_bytes(self._view_fields)) * len(ids)
         self._table: dict[str, np.ndarray] | None = None
         self.in_memory = self._columns_nbytes() + table_bytes <= memory_budget_bytes
@@ -353,8 +355,8 @@ class TargetStore:
         rows_v, slot = rows[augmented], views[augmented] - 1  # position along the view axis of view_* tables
         if self._table is not None:  # in memory: only the chosen view of each row is copied
             parts = {v: self._table[v][rows_v, slot] for v in self._view_fields}
-        else:  # out of core: whole rows (every view) come off the disk, in one planned read for all fields
-            parts = {v: arr[np.arange(len(arr)), slot] for v, arr in self._gather(rows_v, self._view_fields).items()}
+        else:  # out of core: only each row's chosen view comes off the disk
+            parts = self._gather_slots(rows_v, slot)
         out = {}
         for name, vname in zip(self._fields, self._view_fields):
             col = np.empty((len(rows),) + parts[vname].shape[1:], dtype=parts[vname].dtype)
@@ -362,24 +364,37 @@ class TargetStore:
             out[name] = col
         return out
 
-    def _gather(self, rows: np.ndarray, fields: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-        """Table fields (default: view 0's) for ``rows`` in the given order."""
+    def _gather(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """View 0's table fields for ``rows`` in the given order."""
         if self._file is None:
             raise RuntimeError(f"targets store {self.path} is closed")
-        fields = self._fields if fields is None else fields
         if self._table is not None:
-            return {name: self._table[name][rows] for name in fields}
+            return {name: self._table[name][rows] for name in self._fields}
+        starts, stops, take = self._plan_reads(rows, self._merge_gap)
+        return {name: self._read_blocks(name, starts, stops)[take] for name in self._fields}
+
+    def _gather_slots(self, rows: np.ndarray, slot: np.ndarray) -> dict[str, np.ndarray]:
+        """The view_* fields of view ``slot[i] + 1`` of ``rows[i]``, read out of core: for each view, the rows that
+        chose it in planned blocks of that view alone (a selection ``[start:stop, slot]``), never the other views."""
+        if self._file is None:
+            raise RuntimeError(f"targets store {self.path} is closed")
+        out = {name: np.empty((len(rows),) + self._datasets[name].shape[2:], dtype=self._datasets[name].dtype)
+               for name in self._view_fields}
+        for s in np.unique(slot).tolist():
+            mine = np.flatnonzero(slot == s)
+            starts, stops, take = self._plan_reads(rows[mine], self._view_merge_gap)
+            for name in self._view_fields:
+                out[name][mine] = self._read_blocks(name, starts, stops, s)[take]
+        return out
+
+    def _plan_reads(self, rows: np.ndarray, gap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The blocks ``[start, stop)`` that hold ``rows`` and where each row lands in their concatenation."""
         unique, inverse = np.unique(rows, return_inverse=True)
-        gap = self._view_merge_gap if fields[0] in self._view_fields else self._merge_gap
         starts, stops = self._plan_blocks(unique, gap)
-        # position of each unique row inside the concatenated blocks
-        lengths = stops - starts
-        offsets = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        offsets = np.concatenate(([0], np.cumsum(stops - starts)[:-1]))
         block_of = np.searchsorted(starts, unique, side="right") - 1
-        where = offsets[block_of] + (unique - starts[block_of])
-        take = where[inverse.reshape(-1)]
         self.blocks_read += len(starts)
-        return {name: self._read_blocks(name, starts, stops)[take] for name in fields}
+        return starts, stops, (offsets[block_of] + (unique - starts[block_of]))[inverse.reshape(-1)]
 
     def _plan_blocks(self, unique_rows: np.ndarray, gap: int) -> tuple[np.ndarray, np.ndarray]:
         """Merge sorted unique rows into contiguous ``[start, stop)`` blocks (small gaps absorbed)."""
@@ -390,16 +405,19 @@ class TargetStore:
         last = np.concatenate((breaks - 1, [unique_rows.size - 1]))
         return unique_rows[first].astype(np.int64), unique_rows[last].astype(np.int64) + 1
 
-    def _read_blocks(self, name: str, starts: np.ndarray, stops: np.ndarray) -> np.ndarray:
-        """Rows of all ``[start, stop)`` blocks of ``name``, concatenated; one slice read per block."""
+    def _read_blocks(self, name: str, starts: np.ndarray, stops: np.ndarray, slot: int | None = None) -> np.ndarray:
+        """Rows of all ``[start, stop)`` blocks of ``name``, concatenated; one slice read per block (of view
+        ``slot + 1`` alone where ``slot`` is given: ``name`` is then a view_* field)."""
         ds = self._datasets[name]
-        out = np.empty((int((stops - starts).sum()),) + ds.shape[1:], dtype=ds.dtype)
+        shape = ds.shape[1:] if slot is None else ds.shape[2:]
+        out = np.empty((int((stops - starts).sum()),) + shape, dtype=ds.dtype)
         pos = 0
         try:
             for start, stop in zip(starts.tolist(), stops.tolist()):
-                out[pos:pos + stop - start] = ds[start:stop]
+                out[pos:pos + stop - start] = ds[start:stop] if slot is None else ds[start:stop, slot]
                 pos += stop - start
                 self.read_calls += 1
+                self.bytes_read += (stop - start) * int(np.prod(shape)) * ds.dtype.itemsize
         except OSError as exc:
             raise ArtifactError(f"reading '{name}' from targets store {self.path} failed ({exc})",
                                 REGENERATE) from exc

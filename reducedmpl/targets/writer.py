@@ -112,10 +112,13 @@ class _NewFile:
         self.tmp.unlink(missing_ok=True)
 
 
-def _chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...] | None:
-    """Chunk shape of ~256 KiB (64 KiB-1 MiB where the table allows) for a row-major table."""
+def _chunks(shape: tuple[int, ...], itemsize: int, per_view: bool = False) -> tuple[int, ...] | None:
+    """Chunk shape of ~256 KiB (64 KiB-1 MiB where the table allows) for a row-major table; ``per_view``: a view_*
+    table (N, V-1, ...) chunked one view at a time, so that reading a row's chosen view touches no other view."""
     if shape[0] == 0:
         return None
+    if per_view and len(shape) >= 2:
+        return _chunks((shape[0],) + tuple(shape[2:]), itemsize)[:1] + (1,) + tuple(shape[2:])
     if len(shape) == 1:
         return (min(shape[0], COLUMN_CHUNK_ROWS),)
     row_bytes = int(np.prod(shape[1:])) * itemsize
@@ -214,7 +217,7 @@ class ShardWriter:
             self._file = self._out.open_h5()
             self._datasets: dict[str, h5py.Dataset] = {}
             for name, (shape, dtype) in field_specs(meta, self.num_rows).items():
-                chunks = _chunks(shape, dtype.itemsize)
+                chunks = _chunks(shape, dtype.itemsize, per_view=name.startswith(VIEW_PREFIX))
                 compress = name in ROW_FIELDS and chunks is not None
                 self._datasets[name] = self._file.create_dataset(
                     name, shape=shape, dtype=dtype, chunks=chunks,
