@@ -109,6 +109,20 @@ def plot(points: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def measuring_command(argv: list[str]) -> str:
+    """The command line that measured the map: this one without ``--report-only`` and ``--evidence PATH``."""
+    kept, skip = [], False
+    for a in argv:
+        if skip or a == "--report-only":
+            skip = False
+            continue
+        if a == "--evidence":
+            skip = True
+            continue
+        kept.append(a)
+    return " ".join(shlex.quote(a) for a in ["python", *kept])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/mpl-map")
@@ -142,7 +156,7 @@ def main() -> None:
           f"Command: `{' '.join(shlex.quote(a) for a in ['python', *sys.argv])}`",
           f"Wall time of this invocation: {(time.perf_counter() - t0) / 60:.1f} min (cached runs are not rerun)."]
     (out / "mpl_map.md").write_text("\n".join(md) + "\n")
-    doc = {"command": md[-2][len("Command: "):].strip("`"), "data": args.data, "student": args.student,
+    doc = {"command": measuring_command(sys.argv), "data": args.data, "student": args.student,
            "steps": args.steps, "points": points}
     (out / "mpl_map.json").write_text(json.dumps(doc, indent=1))
     if args.evidence:

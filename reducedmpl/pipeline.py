@@ -39,6 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
+from .advice import advise
 from .config import (PIPELINE_KEYS, SECTIONS, CompareConfig, DistillConfig, PrecomputeConfig,
                      TrainLargeConfig, apply_overrides, data_over, merge_data, merged, nearest, parse_override,
                      read_yaml, short_repr, stage_config, to_dict)
@@ -48,7 +49,7 @@ from .run_index import INDEX_FILE
 
 KINDS = ("train_large", "precompute", "distill")
 STAGE_FILE = "stage.json"
-NOT_IN_KEY = frozenset({"num_workers", "memory_budget_mb"})  # speed only: never change a result
+NOT_IN_KEY = frozenset({"num_workers", "start_method", "memory_budget_mb"})  # speed only: never change a result
 STATUS_STYLE = {"cached": "green", "resume": "yellow", "run": "bold"}
 
 
@@ -521,6 +522,9 @@ def run_pipeline(path: str | Path | dict, overrides: Sequence[str] = (), *, forc
             summaries = report.aggregate(report.collect_results(run_dir), pipe.baseline)
             teacher, status = report.teacher_summary(run_dir), " (up to date)"
     console.print(report.comparison_table(summaries, pipe.baseline, teacher))
+    tip = advise(teacher.val if teacher is not None else None, summaries)
+    if tip:
+        console.print(tip, highlight=False)
     console.print(f"comparison: {run_dir / 'comparison.md'}, {run_dir / 'comparison.csv'}; "
                   f"report{status}: {report_md}", highlight=False)
     return {"run_dir": run_dir, "stages": overview, "summaries": summaries, "teacher": teacher}

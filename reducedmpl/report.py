@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import cost as costs
+from .advice import advise
 from .engine.runs import read_jsonl
 from .errors import UserError
 from .run_index import read_index
@@ -214,7 +215,8 @@ def comparison_markdown(summaries: list[RunSummary], baseline: str | None = None
     cols, rows, note = _rows(summaries, baseline, teacher)
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(cols) - 2)) + "|"]
     lines += ["| " + " | ".join(cells) + " |" for cells in rows]
-    return "\n".join(lines) + f"\n\n{note[0].upper()}{note[1:]}.\n"
+    tip = advise(teacher.val if teacher is not None else None, summaries)
+    return "\n".join(lines) + f"\n\n{note[0].upper()}{note[1:]}.\n" + (f"\n{tip}\n" if tip else "")
 
 
 CSV_COST = ["params", "flops_per_image", "latency_ms_b1", "latency_ms_per_image_b64"]

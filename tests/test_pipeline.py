@@ -243,6 +243,15 @@ def test_comparison_table_is_computed_from_result_json(compared):
     assert out.count("skipped, up to date") == 2  # large and targets came from the tiny run
     md = (run_dir / "comparison.md").read_text()
     assert "Δ test vs kd" in md and "| mpl | reducedmpl | 2 |" in md
+    # the advice under the table, in the terminal and in comparison.md: the best run on val, and the run placed on
+    # the measured map by its teacher's and kd student's validation accuracy
+    val = {name: np.mean([by_seed[s]["val_acc"] for s in (0, 1)]) for name, by_seed in results.items()}
+    best = max(val, key=val.get)
+    large = [json.loads(x) for x in (run_dir / "large" / "metrics.jsonl").read_text().splitlines()]
+    gap = 100 * (next(r for r in reversed(large) if r.get("final"))["val_acc"] - val["kd"])
+    for text in (" ".join(out.split()), md):
+        assert f"advice: on this run's validation split the best is {best} ({100 * val[best]:.2f} %)" in text
+        assert f"= {gap:+.2f} points; on the measured map" in text
 
 
 def test_comparison_has_measured_cost_of_the_teacher_and_each_student(compared):
@@ -389,3 +398,16 @@ def test_stage_keys_count_the_processes_of_training_stages(tmp_path, monkeypatch
     assert one[0].key != two[0].key and one[-1].key != two[-1].key
     large = one[0]
     assert stage_key("precompute", one[1].config, large) == one[1].key  # same teacher: same store key
+
+
+@pytest.mark.parametrize("setting", ["data.num_workers=2", "data.start_method=spawn", "distill.memory_budget_mb=1"])
+def test_speed_only_settings_keep_every_stage_key(setting, tmp_path):
+    """Worker count, how workers start and the store's memory budget never change a result, so a cached stage is
+    reused when they change; a setting that does change results (the split seed) changes every key."""
+    from reducedmpl.pipeline import load_pipeline, plan
+
+    path = write_pipeline(tmp_path, TINY)
+    keys = [s.key for s in plan(load_pipeline(path), tmp_path / "runs")]
+    assert [s.key for s in plan(load_pipeline(path, [setting]), tmp_path / "runs")] == keys
+    changed = [s.key for s in plan(load_pipeline(path, ["data.split_seed=7"]), tmp_path / "runs")]
+    assert all(a != b for a, b in zip(changed, keys))
