@@ -146,9 +146,10 @@ def targets(args, reports: dict[int, dict]) -> list[str]:
     best = next((s for s in v if s.startswith("exact:mpl_weight=1,")), None)
     if best is not None:
         base, ablation = "kd:" + best.split(",", 1)[1], "exact:mpl_weight=0," + best.split(",", 1)[1]
-        lines.append(f"- ReducedMPL over the best stored variant ({mean(best):.2f}) ahead of {base} ({mean(base):.2f}) "
-                     f"and of its mpl_weight 0 ablation ({mean(ablation):.2f}): "
-                     f"{mark(mean(best) > mean(base) and mean(best) > mean(ablation))}")
+        to_base, to_ablation = (paired(v[best], v[o]) if o in v else [] for o in (base, ablation))
+        lines.append(f"- ReducedMPL over the best stored variant ({mean(best):.2f}) ahead of {base} ({mean(base):.2f}; "
+                     f"paired {_ms(to_base, True)}) and of its mpl_weight 0 ablation ({mean(ablation):.2f}; paired "
+                     f"{_ms(to_ablation, True)}): {mark(mean(best) > mean(base) and mean(best) > mean(ablation))}")
     return lines
 
 
