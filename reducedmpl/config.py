@@ -285,6 +285,7 @@ class DistillConfig:
     pseudo_pool: Literal["all", "unlabeled"] = "all"
     memory_budget_mb: int = 2048  # targets held in memory up to this size, else read in sorted blocks
     probe_size: int = 16  # examples whose reduced-teacher distributions are saved at 0/25/50/75/100 %
+    labeled_eval_size: int | None = 2048  # labeled rows (evenly spaced) the periodic labeled accuracy reads; None: all
 
     def validate(self) -> None:
         if self.data is not None:
@@ -315,6 +316,8 @@ class DistillConfig:
         _check(self.teacher_clip_grad is None or self.teacher_clip_grad > 0, "distill.teacher_clip_grad must be > 0")
         _check(self.memory_budget_mb >= 1, "distill.memory_budget_mb must be >= 1")
         _check(self.probe_size >= 0, "distill.probe_size must be >= 0")
+        _check(self.labeled_eval_size is None or self.labeled_eval_size >= 1,
+               "distill.labeled_eval_size must be >= 1 (or null: every labeled row)")
         _check_device(self.device)
 
 

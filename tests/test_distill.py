@@ -191,3 +191,27 @@ def test_piped_to_a_log_distill_prints_a_line_per_logged_step(tiny_targets, tmp_
     quiet = cli("distill", "--targets", tiny_targets, "--mode", "kd", "--steps", "20", "--out", tmp_path / "q",
                 "--set", "distill.log_every=5", "--quiet")
     assert "distill kd step" not in quiet.stdout + quiet.stderr
+
+
+def test_eval_sample_is_evenly_spaced_and_bounded():
+    from reducedmpl.stages.distill import eval_sample
+
+    rows = np.arange(10, 1010, 2)
+    assert eval_sample(rows, None) is rows and eval_sample(rows, 600) is rows
+    sample = eval_sample(rows, 5)
+    np.testing.assert_array_equal(sample, rows[[0, 125, 250, 374, 499]])  # both ends, evenly between
+
+
+def test_labeled_accuracy_reads_a_fixed_sample_of_the_labeled_rows(tiny_targets, tmp_path):
+    """With labeled_eval_size 7 every labeled accuracy (student and both teachers) is a count out of 7: the
+    periodic evaluation costs the same for any size of labeled set."""
+    out = tmp_path / "sampled"
+    cli("distill", "--targets", tiny_targets, "--mode", "reducedmpl", "--steps", "4", "--out", out, "--quiet",
+        "--set", "distill.labeled_eval_size=7", "--set", "distill.eval_every=2")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [r for r in rows if "labeled_acc_student" in r]
+    assert len(evaluated) >= 2
+    for r in evaluated:
+        for key in ("labeled_acc_student", "labeled_acc_teacher", "labeled_acc_large"):
+            assert r[key] * 7 == pytest.approx(round(r[key] * 7), abs=1e-6)
+    assert any(0 < r[k] < 1 for r in evaluated for k in ("labeled_acc_student", "labeled_acc_large"))

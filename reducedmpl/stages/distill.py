@@ -202,12 +202,22 @@ def load_large_teacher(cfg: DistillConfig, data: DataSetup, device: torch.device
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
+def eval_sample(rows: np.ndarray, size: int | None) -> np.ndarray:
+    """At most ``size`` of ``rows``, evenly spaced (all of them for None): the labeled rows a periodic evaluation
+    reads, so its cost does not grow with the labeled set (a million labeled rows would be a full pass each time)."""
+    if size is None or len(rows) <= size:
+        return rows
+    return rows[np.linspace(0, len(rows) - 1, size).round().astype(np.int64)]
+
+
 class Evaluation:
-    """Validation, labeled-train and test accuracy of the student, and of both teachers from the store."""
+    """Validation, labeled-train and test accuracy of the student, and of both teachers from the store. The labeled
+    figures read a fixed sample of ``labeled_eval_size`` labeled rows (:func:`eval_sample`); val and test all."""
 
     def __init__(self, d: Distiller, data: DataSetup, store: TargetStore):
         self.d, self.data, self.store = d, data, store
-        rows = data.splits.indices
+        rows = {**data.splits.indices, "labeled": eval_sample(data.splits.indices["labeled"], d.cfg.labeled_eval_size)}
+        self.rows = rows
         self.batches = {name: Batcher(data.source, rows[name], data.prep, data.config, batch_size=EVAL_BATCH_SIZE,
                                       train=False, seed=0, dist=d.dist)
                         for name in ("val", "labeled", "test") if len(rows[name])}
@@ -235,7 +245,7 @@ class Evaluation:
         if teacher is None:
             return out
         for split in ("labeled", "val"):
-            ids = self.data.splits.indices[split]
+            ids = self.rows[split]
             if not len(ids) or split not in self.store.meta.fingerprints:
                 continue
             log_q = torch.from_numpy(self.store.log_probs(ids)).to(self.d.device)
