@@ -58,3 +58,19 @@ def test_the_table_gives_ratios_to_the_first_size_and_checks_the_targets(tmp_pat
     else:
         assert code == 1 and missed and all("per-row cost" in line for line in missed), out
     assert "listing + fingerprint of 1,000 rows <= 60 s" in out and "start-up, 2 process(es) <= 30 s" in out
+
+
+def test_loading_alternates_the_loaders_and_keeps_each_ones_best_run(monkeypatch, tmp_path) -> None:
+    calls = []
+
+    def fake_child(argv: list[str], threads: int = 1) -> dict:
+        calls.append((argv[3], int(argv[2])))
+        return {"images": 5120, "seconds": float(len(calls))}  # each run slower than the one before
+
+    monkeypatch.setattr(scale, "child", fake_child)
+    args = scale.parse_args(["--loading-repeats", "2", "--cache", str(tmp_path)])
+    out = scale.part_loading(args, 100, tmp_path, tmp_path)
+    assert calls[:4] == [("ours", 0), ("torchvision", 0), ("ours", 0), ("torchvision", 0)]
+    assert len(calls) == 2 * 2 * len(scale.WORKERS)
+    assert out["ours-0"]["seconds"] == 1.0 and out["ours-0"]["all_seconds"] == [1.0, 3.0]
+    assert out["torchvision-0"]["seconds"] == 2.0 and scale.loading_ratio(out, 0) == 2.0
