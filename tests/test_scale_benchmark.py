@@ -58,6 +58,7 @@ def test_the_table_gives_ratios_to_the_first_size_and_checks_the_targets(tmp_pat
     else:
         assert code == 1 and missed and all("per-row cost" in line for line in missed), out
     assert "listing + fingerprint of 1,000 rows <= 60 s" in out and "start-up, 2 process(es) <= 30 s" in out
+    assert "cost: loading: ours, 0 workers" in out and "cost: loading: torchvision" not in out  # the reference
 
 
 def test_loading_alternates_the_loaders_and_keeps_each_ones_best_run(monkeypatch, tmp_path) -> None:
