@@ -71,9 +71,12 @@ def advise(teacher_val: float | None, runs: Sequence[Any], points: Sequence[MapP
     if kd is not None and teacher_val is not None and points:
         gap = 100 * (teacher_val - val[kd.run])
         near = min(points, key=lambda p: abs(p.gap - gap))
+        lo, hi = min(p.gap for p in points), max(p.gap for p in points)
+        inside = lo - 0.005 <= gap <= hi + 0.005  # as shown, to 2 decimals
+        outside = "" if inside else f" (outside the measured gaps {lo:+.2f} to {hi:+.2f}: an extrapolation)"
         lines.append(f"teacher val {100 * teacher_val:.2f} % − kd student val {100 * val[kd.run]:.2f} % = "
-                     f"{gap:+.2f} points; on the measured map (benchmarks/mpl_map.py, MNIST) the nearest teacher "
-                     f"(gap {near.gap:+.2f}) gave mpl_weight 0 {statistics.mean(near.mpl0):+.2f} and mpl_weight "
+                     f"{gap:+.2f} points{outside}; on the measured map (benchmarks/mpl_map.py, MNIST) the nearest "
+                     f"teacher (gap {near.gap:+.2f}) gave mpl_weight 0 {statistics.mean(near.mpl0):+.2f} and mpl_weight "
                      f"{near.tuned_weight:g} {statistics.mean(near.tuned):+.2f} test points over kd: "
                      f"{recommend(near)}")
     return "advice: " + "; ".join(lines) if lines else None

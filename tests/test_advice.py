@@ -41,6 +41,14 @@ def test_advise_places_the_run_at_the_nearest_measured_gap(teacher_val, kd_val, 
     assert f"= {gap:+.2f} points" in text and f"(gap {expected.gap:+.2f})" in text
     assert text.endswith(recommend(expected))
     assert f"mpl_weight 0 {statistics.mean(expected.mpl0):+.2f}" in text
+    assert "extrapolation" not in text  # every gap here lies within the map's (-3 to +4)
+
+
+def test_advise_says_when_the_run_lies_outside_the_measured_gaps():
+    runs = [summary("kd", "kd", [0.90, 0.90])]
+    text = advise(0.99, runs, [WEAK, MID])  # gap +9 against measured -3 to +1
+    assert "= +9.00 points (outside the measured gaps -3.00 to +1.00: an extrapolation);" in text
+    assert text.endswith(recommend(MID))
 
 
 def test_advise_without_kd_or_teacher_reports_only_the_runs_own_validation():
