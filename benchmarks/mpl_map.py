@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from _data import default_data  # noqa: E402 - benchmarks/ is on sys.path when a script runs
+from _data import default_data, mean_std  # noqa: E402 - benchmarks/ is on sys.path when a script runs
 
 HERE = Path(__file__).resolve().parent
 
@@ -57,13 +57,6 @@ def run_teacher(args, labels: str) -> Path:
     return out / "map.json"
 
 
-def _ms(xs: list[float], signed: bool = False) -> str:
-    if not xs:
-        return "–"
-    f = "+.2f" if signed else ".2f"
-    return format(statistics.mean(xs), f) + ("" if len(xs) < 2 else f" ± {statistics.stdev(xs):.2f}")
-
-
 def point(labels: str, report: dict, weights: list[float]) -> dict:
     """One teacher's row of the map, from quality.py's JSON report."""
     v = report["variants"]
@@ -82,8 +75,8 @@ def table(points: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         lines.append(f"| {p['labels']} | {p['teacher_val']:.2f} | {p['kd_val']:.2f} | {p['gap']:+.2f} "
-                     f"| {_ms(p['mpl0'], True)} | {p['tuned'].split('=')[-1]} | {_ms(p['best'], True)} "
-                     f"| {_ms(p['share'], True)} | {len(p['seeds'])} |")
+                     f"| {mean_std(p['mpl0'], True)} | {p['tuned'].split('=')[-1]} | {mean_std(p['best'], True)} "
+                     f"| {mean_std(p['share'], True)} | {len(p['seeds'])} |")
     return lines
 
 

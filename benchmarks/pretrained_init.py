@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from _data import REPO, default_data  # noqa: E402 - benchmarks/ is on sys.path when a script runs
+from _data import REPO, default_data, mean_std  # noqa: E402 - benchmarks/ is on sys.path when a script runs
 
 REPO_ID = "local/test_resnet.digits28"
 NAME = f"hf-hub:{REPO_ID}"
@@ -70,10 +70,6 @@ def variants() -> dict[str, dict[str, str]]:
     return out
 
 
-def _ms(xs: list[float]) -> str:
-    return f"{statistics.mean(xs):.2f} ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else f"{xs[0]:.2f}"
-
-
 def report(summary: dict, pre: dict, args, minutes: float) -> str:
     lines = ["# Pretrained student vs from scratch", "",
              f"MNIST (quality.py's protocol), {args.steps} steps, seeds {' '.join(map(str, args.seeds))}; the "
@@ -84,12 +80,12 @@ def report(summary: dict, pre: dict, args, minutes: float) -> str:
         scratch = summary[specs["scratch"]]
         pretrained = {label: summary[spec] for label, spec in specs.items() if label != "scratch"}
         best = max(pretrained, key=lambda label: statistics.mean(pretrained[label]["val_acc"]))
-        lines.append(f"| {method} | scratch (lr 0.05) | — | {_ms(scratch['val_acc'])} | {_ms(scratch['test_acc'])} "
+        lines.append(f"| {method} | scratch (lr 0.05) | — | {mean_std(scratch['val_acc'])} | {mean_std(scratch['test_acc'])} "
                      "| — |")
         for label, r in pretrained.items():
             diff = [a - b for a, b in zip(r["test_acc"], scratch["test_acc"])]
-            lines.append(f"| {method} | {label} | {'yes' if label == best else 'no'} | {_ms(r['val_acc'])} "
-                         f"| {_ms(r['test_acc'])} | {_ms(diff)} |")
+            lines.append(f"| {method} | {label} | {'yes' if label == best else 'no'} | {mean_std(r['val_acc'])} "
+                         f"| {mean_std(r['test_acc'])} | {mean_std(diff)} |")
     lines += ["", f"Command: `python benchmarks/pretrained_init.py --out {args.out}`; wall time of this invocation "
               f"{minutes:.1f} min (cached runs are not recomputed)."]
     return "\n".join(lines) + "\n"

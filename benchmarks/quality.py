@@ -72,7 +72,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
-from _data import default_data  # noqa: E402 - benchmarks/ is on sys.path when a script runs
+from _data import default_data, mean_std  # noqa: E402 - benchmarks/ is on sys.path when a script runs
 
 DEFAULT_DATA = default_data(fallback=None)  # the MNIST folder beside the repository
 BASES = {
@@ -215,15 +215,6 @@ def distill_one(args_dict: dict, spec: str, seed: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ report
-def _ms(xs: list[float]) -> str:
-    if not xs:
-        return "–"
-    m = statistics.mean(xs)
-    if len(xs) == 1:
-        return f"{m:.2f}"
-    return f"{m:.2f} ± {statistics.stdev(xs):.2f}"
-
-
 def diagnostics(run_dir: Path) -> dict:
     """End-of-training means of the logged reduced-teacher diagnostics (last 10 % of logged steps)."""
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
@@ -292,13 +283,13 @@ def build_report(args, results: dict[str, dict[int, dict]], command: str, elapse
         diffs = {"kd": paired(per_seed, kd, key) if spec != "kd" else [],
                  "online-kd": paired(per_seed, results.get("online-kd", {}), key) if spec != "online-kd" else [],
                  "mpl0": paired(per_seed, results[base], key) if base in results else []}
-        cells = " | ".join(_ms(d) for d in diffs.values())
+        cells = " | ".join(mean_std(d) for d in diffs.values())
         summary[spec] = {"seeds": seeds, "val_acc": val, "config": parse_variant(spec),
                          **{f"{'val_' if args.hide_test else ''}diff_to_{k}": d for k, d in diffs.items()}}
         if args.hide_test:
-            lines.append(f"| {spec} | {_ms(val)} | {cells} | {len(seeds)} |")
+            lines.append(f"| {spec} | {mean_std(val)} | {cells} | {len(seeds)} |")
         else:
-            lines.append(f"| {spec} | {_ms(test)} | {_ms(val)} | {cells} | {len(seeds)} |")
+            lines.append(f"| {spec} | {mean_std(test)} | {mean_std(val)} | {cells} | {len(seeds)} |")
             summary[spec]["test_acc"] = test
     diag_lines = ["", "Reduced-teacher diagnostics (mean over seeds; entropies in nats, last 10 % of logged "
                   "steps; teacher accuracies on val from the stored q_L):", "",

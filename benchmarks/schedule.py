@@ -36,7 +36,8 @@ import sys
 import time
 from pathlib import Path
 
-from _data import default_data  # noqa: E402 - benchmarks/ is on sys.path when a script runs
+import quality as quality_benchmark  # noqa: E402 - benchmarks/ is on sys.path when a script runs
+from _data import default_data, mean_std  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 STORED = {"kd:views=8": "online-kd", "kd:views=32": "online-kd",
@@ -68,10 +69,7 @@ def best_stored(report: dict) -> str:
 
 def step_seconds(out: Path, steps: int, spec: str, student: str) -> list[float]:
     """Seconds per training step of each cached seed of ``spec`` (the run's own ``train_seconds``)."""
-    sys.path.insert(0, str(HERE))
-    import quality
-
-    folder = quality.run_folder(argparse.Namespace(out=str(out / f"steps-{steps}"), student=student), spec)
+    folder = quality_benchmark.run_folder(argparse.Namespace(out=str(out / f"steps-{steps}"), student=student), spec)
     return [json.loads(p.read_text())["train_seconds"] / steps for p in sorted(folder.glob("seed*/result.json"))]
 
 
@@ -96,13 +94,6 @@ def teacher_on_views(shared: Path) -> list[str]:
     return head + lines if lines else []
 
 
-def _ms(xs: list[float], signed: bool = False) -> str:
-    if not xs:
-        return "–"
-    text = format(statistics.mean(xs), "+.2f" if signed else ".2f")
-    return text if len(xs) < 2 else f"{text} ± {statistics.stdev(xs):.2f}"
-
-
 def paired(a: dict, b: dict) -> list[float]:
     """Per-seed test-accuracy differences a − b (points), over the seeds both have."""
     pa, pb = dict(zip(a["seeds"], a["test_acc"])), dict(zip(b["seeds"], b["test_acc"]))
@@ -114,13 +105,13 @@ def rows(args, steps: int, report: dict) -> list[str]:
     out = []
     for spec, r in v.items():
         online = STORED.get(spec)
-        to_online = _ms(paired(r, v[online]), True) if online in v else "–"
+        to_online = mean_std(paired(r, v[online]), True) if online in v else "–"
         ratio = "–"
         if online in v:
             mine, theirs = (step_seconds(Path(args.out), steps, s, args.student) for s in (spec, online))
             ratio = f"{statistics.mean(mine) / statistics.mean(theirs):.2f}×" if mine and theirs else "–"
-        out.append(f"| {steps} | {spec} | {_ms(r['test_acc'])} | {_ms(r['val_acc'])} "
-                   f"| {_ms(paired(r, v['kd']), True) if spec != 'kd' else '—'} | {to_online} | {ratio} "
+        out.append(f"| {steps} | {spec} | {mean_std(r['test_acc'])} | {mean_std(r['val_acc'])} "
+                   f"| {mean_std(paired(r, v['kd']), True) if spec != 'kd' else '—'} | {to_online} | {ratio} "
                    f"| {len(r['seeds'])} |")
     return out
 
@@ -148,8 +139,8 @@ def targets(args, reports: dict[int, dict]) -> list[str]:
         base, ablation = "kd:" + best.split(",", 1)[1], "exact:mpl_weight=0," + best.split(",", 1)[1]
         to_base, to_ablation = (paired(v[best], v[o]) if o in v else [] for o in (base, ablation))
         lines.append(f"- ReducedMPL over the best stored variant ({mean(best):.2f}) ahead of {base} ({mean(base):.2f}; "
-                     f"paired {_ms(to_base, True)}) and of its mpl_weight 0 ablation ({mean(ablation):.2f}; paired "
-                     f"{_ms(to_ablation, True)}): {mark(mean(best) > mean(base) and mean(best) > mean(ablation))}")
+                     f"paired {mean_std(to_base, True)}) and of its mpl_weight 0 ablation ({mean(ablation):.2f}; paired "
+                     f"{mean_std(to_ablation, True)}): {mark(mean(best) > mean(base) and mean(best) > mean(ablation))}")
     return lines
 
 
