@@ -191,7 +191,9 @@ def teacher_and_targets(args, views: int = 1, view_mix: str = "none") -> Path:
 
 
 def distill_one(args_dict: dict, spec: str, seed: int) -> dict:
-    """One (variant, seed) run in its own process; cached by folder (skipped if result.json exists)."""
+    """One (variant, seed) run in its own process; cached by folder (skipped if result.json exists). A run cut off
+    (killed, Ctrl-C) resumes from its last checkpoint (every ``--checkpoint-every`` steps) the next time, and
+    ``timing.json`` records the seconds and steps of the part that ran last, so step times stay per step."""
     import torch
     from rich.console import Console
 
@@ -205,13 +207,39 @@ def distill_one(args_dict: dict, spec: str, seed: int) -> dict:
     if result_path.exists():
         return json.loads(result_path.read_text())
     kw = {"steps": args.steps, "seed": seed, "device": "cpu", "eval_every": args.eval_every,
-          "log_every": 10, "checkpoint_every": 10**9, "student": args.student, **parse_variant(spec)}
+          "log_every": 10, "checkpoint_every": args.checkpoint_every, "student": args.student,
+          **parse_variant(spec)}
     targets = str(targets_path(shared_dir(args), int(kw.pop("views", 1)), str(kw.pop("view_mix", "none"))))
     if kw["mode"] == "online-kd":
         kw["large_teacher"] = str(shared_dir(args) / "large" / "teacher.pt")
     cfg = from_dict(DistillConfig, kw, "distill")
     cfg.validate()
-    return distill.run(cfg, targets, run_dir, overwrite=True, console=Console(stderr=True), quiet=True)
+    start = resume_step(run_dir)
+    result = distill.run(cfg, targets, run_dir, resume=start is not None, overwrite=start is None,
+                         console=Console(stderr=True), quiet=True)
+    timed = {"seconds": result["train_seconds"], "steps": args.steps - (start or 0)}
+    (run_dir / "timing.json").write_text(json.dumps(timed))
+    return result
+
+
+def resume_step(run_dir: Path) -> int | None:
+    """The step of the run's ``last.pt`` checkpoint (None: no checkpoint, start afresh)."""
+    import torch
+
+    last = run_dir / "last.pt"
+    if not last.exists():
+        return None
+    return int(torch.load(last, map_location="cpu", weights_only=True)["distiller"]["step"])
+
+
+def seconds_per_step(run_dir: Path) -> float:
+    """Training seconds per step of a finished run: of its last part when it was resumed (``timing.json``)."""
+    timing = run_dir / "timing.json"
+    if timing.exists():
+        t = json.loads(timing.read_text())
+        return t["seconds"] / t["steps"]
+    res = json.loads((run_dir / "result.json").read_text())
+    return res["train_seconds"] / res["steps"]
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -342,6 +370,8 @@ def main() -> None:
     p.add_argument("--randaugment", default=None, help="e.g. rand-m9-n2: the student's augmentation and the stored "
                                                        "views' (use its own --out)")
     p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--checkpoint-every", type=int, default=500,
+                   help="steps between checkpoints; a run cut off resumes from its last one when rerun")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=None,
                    help="default: supervised, kd, reinforce and exact at mpl_weight 0 and at the tuned weights")

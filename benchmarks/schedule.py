@@ -68,9 +68,9 @@ def best_stored(report: dict) -> str:
 
 
 def step_seconds(out: Path, steps: int, spec: str, student: str) -> list[float]:
-    """Seconds per training step of each cached seed of ``spec`` (the run's own ``train_seconds``)."""
+    """Seconds per training step of each cached seed of ``spec`` (of the run's last part if it was resumed)."""
     folder = quality_benchmark.run_folder(argparse.Namespace(out=str(out / f"steps-{steps}"), student=student), spec)
-    return [json.loads(p.read_text())["train_seconds"] / steps for p in sorted(folder.glob("seed*/result.json"))]
+    return [quality_benchmark.seconds_per_step(p.parent) for p in sorted(folder.glob("seed*/result.json"))]
 
 
 def teacher_on_views(shared: Path) -> list[str]:

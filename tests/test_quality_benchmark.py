@@ -1,0 +1,73 @@
+"""benchmarks/quality.py, which schedule.py and mpl_map.py drive: a run cut off resumes where its last checkpoint
+left it, with the same result and a step time of the part that ran; the report's title names the students that
+ran."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import quality  # noqa: E402
+import schedule  # noqa: E402
+
+from reducedmpl.stages.distill import Distiller  # noqa: E402
+
+
+def bench_args(out: Path, **kw) -> argparse.Namespace:
+    base = dict(out=str(out), data="digits", split_seed=0, val_size=200, test_size=200, labels_per_class=5,
+                teacher_model="test_resnet", teacher_labels_per_class=None, teacher_epochs=1, teacher_batch=25,
+                teacher_lr=1e-3, steps=30, student="test_resnet", shared=None, teacher_randaugment=None,
+                randaugment=None, eval_every=10, checkpoint_every=10, threads=1, hide_test=False)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_a_run_cut_off_resumes_from_its_checkpoint_with_the_same_result(tmp_path, monkeypatch):
+    args = bench_args(tmp_path / "bench")
+    quality.teacher_and_targets(args)
+    whole = quality.distill_one(vars(bench_args(tmp_path / "whole", shared=args.out)), "kd", 0)
+
+    original, calls = Distiller.step, []
+
+    def killed_at_step_25(self, measure):  # the process dies inside step 25: no checkpoint there
+        if self.step_count == 24:
+            calls.append(self.step_count)
+            raise RuntimeError("killed")
+        return original(self, measure)
+
+    monkeypatch.setattr(Distiller, "step", killed_at_step_25)
+    with pytest.raises(RuntimeError, match="killed"):
+        quality.distill_one(vars(args), "kd", 0)
+    run_dir = quality.run_folder(args, "kd") / "seed0"
+    assert calls == [24] and not (run_dir / "result.json").exists()
+    assert quality.resume_step(run_dir) == 20  # the last periodic checkpoint
+    monkeypatch.undo()
+
+    resumed = quality.distill_one(vars(args), "kd", 0)
+    assert (resumed["val_acc"], resumed["test_acc"]) == (whole["val_acc"], whole["test_acc"])
+    a, b = (torch.load(d / "student.pt", weights_only=True)["state_dict"]
+            for d in (run_dir, quality.run_folder(bench_args(tmp_path / "whole"), "kd") / "seed0"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # the same student, bit for bit
+    timing = json.loads((run_dir / "timing.json").read_text())
+    assert timing["steps"] == 10 and timing["seconds"] == resumed["train_seconds"]
+    assert quality.seconds_per_step(run_dir) == pytest.approx(resumed["train_seconds"] / 10)
+    assert quality.distill_one(vars(args), "kd", 0) == resumed  # finished: read back, not run again
+    # the schedule benchmark's step times read the same figure
+    out = tmp_path / "schedule"
+    (out / "steps-30" / "distill").mkdir(parents=True)
+    (run_dir.parent).rename(out / "steps-30" / "distill" / "kd")
+    assert schedule.step_seconds(out, 30, "kd", "test_resnet") == [pytest.approx(resumed["train_seconds"] / 10)]
+
+
+def test_the_report_title_names_the_students_that_ran(tmp_path):
+    args = bench_args(tmp_path, _teacher={"val_acc": 0.9, "test_acc": 0.9})
+    run = {"val_acc": 0.8, "test_acc": 0.7}
+    text, _ = quality.build_report(args, {"kd": {0: run}, "kd:student=resnet10t": {0: run}}, "cmd", 60.0)
+    assert "student resnet10t, test_resnet," in text.splitlines()[0]
+    text, _ = quality.build_report(bench_args(tmp_path, student="resnet10t", _teacher=args._teacher),
+                                   {"kd": {0: run}}, "cmd", 60.0)
+    assert "student resnet10t," in text.splitlines()[0] and "test_resnet" not in text.splitlines()[0]
