@@ -71,3 +71,51 @@ def test_the_report_title_names_the_students_that_ran(tmp_path):
     text, _ = quality.build_report(bench_args(tmp_path, student="resnet10t", _teacher=args._teacher),
                                    {"kd": {0: run}}, "cmd", 60.0)
     assert "student resnet10t," in text.splitlines()[0] and "test_resnet" not in text.splitlines()[0]
+
+
+def fake_length(out: Path, steps: int, accs: dict[str, tuple[list[float], list[float]]],
+                seconds: dict[str, float]) -> dict:
+    """schedule.py's view of one schedule length: quality.py's report (test and val accuracies per seed) and each
+    run's result.json with its training seconds."""
+    variants = {}
+    for spec, (test, val) in accs.items():
+        variants[spec] = {"seeds": list(range(len(test))), "test_acc": test, "val_acc": val}
+        for s in range(len(test)):
+            d = quality.run_folder(argparse.Namespace(out=str(out / f"steps-{steps}"), student="test_resnet"), spec)
+            (d / f"seed{s}").mkdir(parents=True)
+            (d / f"seed{s}" / "result.json").write_text(json.dumps({"train_seconds": seconds[spec] * steps,
+                                                                    "steps": steps}))
+    return {"variants": variants, "teacher": {"val_acc": 0.98, "test_acc": 0.97}}
+
+
+def test_schedule_picks_the_best_stored_variant_on_val_and_marks_each_target(tmp_path):
+    online, fm, views8 = "online-kd", "online-kd:online_mix=mixup", "kd:views=8"
+    accs = {"kd": ([97.0, 97.2], [97.0, 97.0]), online: ([97.5, 97.5], [97.0, 97.0]),
+            fm: ([97.8, 97.8], [97.0, 97.0]),
+            views8: ([97.5, 97.3], [98.0, 98.0]),            # best on val, not on test
+            "kd:views=32": ([97.9, 97.9], [97.1, 97.1]),    # best on test: never chosen by it
+            "kd:views=32,view_mix=mixup": ([97.95, 98.0], [97.0, 97.0]),
+            "exact:mpl_weight=0,views=8": ([97.4, 97.4], [98.0, 98.0]),
+            "exact:mpl_weight=1,views=8": ([97.6, 97.5], [98.0, 98.0])}
+    seconds = {spec: 0.1 for spec in accs} | {online: 0.3, fm: 0.3, "kd:views=32": 0.2}
+    report = fake_length(tmp_path, 500, accs, seconds)
+    assert schedule.best_stored(report) == views8
+    args = argparse.Namespace(out=str(tmp_path), student="test_resnet")
+    lines = schedule.targets(args, {500: report})
+    assert lines[0] == "Targets at 500 steps:"
+    assert lines[1].endswith(": met") and lines[2].endswith(": met")  # 97.8 ≥ 97.5 ≥ 97.1 and 97.975 ≥ 97.9 ≥ 97.1
+    views = {line.split(" within")[0]: line for line in lines if " within 0.2 points" in line}
+    assert views["- kd:views=8"].endswith("(0.33×): met")           # −0.10 points at a third of the step time
+    assert views["- kd:views=32"].endswith("(0.67×): missed")       # +0.40 points, but at two thirds
+    assert "(+0.18)" in views["- kd:views=32,view_mix=mixup"] and views["- kd:views=32,view_mix=mixup"].endswith("met")
+    assert lines[-1].startswith("- ReducedMPL over the best stored variant (97.55)") and lines[-1].endswith(": met")
+    rows = schedule.rows(args, 500, report)
+    row = next(r for r in rows if r.startswith("| 500 | kd:views=8 |"))
+    assert "| +0.30 ± 0.28 | -0.10 ± 0.14 | 0.33× | 2 |" in row
+    # one variant ahead of its own ablation by nothing: the last target is missed
+    accs["exact:mpl_weight=1,views=8"] = ([97.4, 97.4], [98.0, 98.0])
+    report = fake_length(tmp_path / "b", 500, accs, seconds)
+    assert schedule.targets(argparse.Namespace(out=str(tmp_path / "b"), student="test_resnet"),
+                            {500: report})[-1].endswith(": missed")
+    schedule.plot({500: report, 1000: report}, tmp_path / "schedule.png")
+    assert (tmp_path / "schedule.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
