@@ -163,6 +163,32 @@ def test_distill_rebuilds_the_mixed_inputs_bit_for_bit(tiny_teacher, mixed_store
     assert "3 views (crop 2, mixup alpha 0.5; seed 0)" in cli("inspect", out, "--no-latency").stdout
 
 
+def test_labeled_rows_never_train_on_a_mixed_view(tiny_teacher, mixed_store, tmp_path: Path) -> None:
+    """A mixed view of a labeled row is partly its partner, so the labeled stream (whose losses use the row's label)
+    does not replay a mixed store's views: its images are the rows' own, under the student's augmentation, with the
+    clean view's targets. The pseudo-label stream replays them; a plain store's views stay on both streams."""
+    from reducedmpl.config import stage_config
+    from reducedmpl.data.setup import setup_data
+    from reducedmpl.stages.distill import Distiller, open_store, resolve_data
+
+    cfg = stage_config("distill", flags={"mode": "reducedmpl", "steps": 3, "device": "cpu", "batch_size": 16,
+                                         "unlabeled_batch_size": 64})
+    store = open_store(mixed_store[0], 64)
+    d = Distiller(cfg, setup_data(resolve_data(cfg, store)), store, CPU)
+    _, y, ids = d.labeled.next()
+    assert d.labeled.views(ids) is None and d.unlabeled.views(d.unlabeled.next()[2]) is not None
+    assert torch.equal(y, torch.from_numpy(d.data.source.labels[ids.numpy()]).to(y.dtype))
+    d.step(True)  # a ReducedMPL step reads the labeled rows' clean targets
+    store.close()
+    plain_out = tmp_path / "plain" / "targets.h5"
+    cli("precompute", "--teacher", tiny_teacher, "--out", plain_out, "--dtype", "float32", "--views", "3",
+        "--batch-size", "50", "--quiet")
+    plain = open_store(plain_out, 64)
+    d = Distiller(cfg, setup_data(resolve_data(cfg, plain)), plain, CPU)
+    assert d.labeled.views(d.labeled.next()[2]) is not None and d.unlabeled.views(d.unlabeled.next()[2]) is not None
+    plain.close()
+
+
 def test_folder_mixed_views_are_rebuilt_exactly(tmp_path: Path) -> None:
     """An image folder's mixed views: the distill batcher (in this process and in a worker) rebuilds the very
     inputs the teacher ran on, and the stored logits are the teacher's on them."""

@@ -101,7 +101,8 @@ class Distiller:
                                                                                      rows["unlabeled"])
         replay = view_replay(cfg, data, store, self.method.needs)
         self.labeled = BatchStream(Batcher(src, rows["labeled"], prep, data.config, batch_size=cfg.batch_size,
-                                           train=True, seed=cfg.seed, drop_last=True, dist=dist, replay=replay))
+                                           train=True, seed=cfg.seed, drop_last=True, dist=dist,
+                                           replay=labeled_replay(replay)))
         self.unlabeled = BatchStream(Batcher(src, pool, prep, data.config, batch_size=cfg.unlabeled_batch_size,
                                              train=True, seed=cfg.seed + UNLABELED_SEED_OFFSET, drop_last=True,
                                              dist=dist, replay=replay))
@@ -186,6 +187,14 @@ def view_replay(cfg: DistillConfig, data: DataSetup, store: TargetStore, needs: 
     if store.views <= 1 or not cfg.replay_views or not needs & {LABELED_TARGETS, UNLABELED_TARGETS}:
         return None
     return ViewMaker(data.source, data.prep, ViewPolicy.from_dict(store.meta.view_policy), store.ids)
+
+
+def labeled_replay(replay: ViewMaker | None) -> ViewMaker | None:
+    """The views the labeled stream replays: none from a store of mixed views. A mixed view of a labeled row is
+    partly another row, so the row's label is not its label; the labeled losses (the student's, the reduced
+    teacher's, the MPL feedback) take the row's own image under the student's augmentation and the clean view's
+    target instead."""
+    return replay if replay is None or replay.policy.view_mix == "none" else None
 
 
 def load_large_teacher(cfg: DistillConfig, data: DataSetup, device: torch.device) -> LargeTeacher:
