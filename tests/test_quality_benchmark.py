@@ -18,6 +18,15 @@ import schedule  # noqa: E402
 from reducedmpl.stages.distill import Distiller  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """quality.py sets torch's thread count for its process; give the suite's back (tests after these compare
+    stores made at the suite's count bit for bit)."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 def bench_args(out: Path, **kw) -> argparse.Namespace:
     base = dict(out=str(out), data="digits", split_seed=0, val_size=200, test_size=200, labels_per_class=5,
                 teacher_model="test_resnet", teacher_labels_per_class=None, teacher_epochs=1, teacher_batch=25,
