@@ -193,7 +193,7 @@ def teacher_and_targets(args, views: int = 1, view_mix: str = "none") -> Path:
 def distill_one(args_dict: dict, spec: str, seed: int) -> dict:
     """One (variant, seed) run in its own process; cached by folder (skipped if result.json exists). A run cut off
     (killed, Ctrl-C) resumes from its last checkpoint (every ``--checkpoint-every`` steps) the next time, and
-    ``timing.json`` records the seconds and steps of the part that ran last, so step times stay per step."""
+    ``timing.json`` records the seconds and steps of that last part, so step times stay per step."""
     import torch
     from rich.console import Console
 
@@ -217,8 +217,9 @@ def distill_one(args_dict: dict, spec: str, seed: int) -> dict:
     start = resume_step(run_dir)
     result = distill.run(cfg, targets, run_dir, resume=start is not None, overwrite=start is None,
                          console=Console(stderr=True), quiet=True)
-    timed = {"seconds": result["train_seconds"], "steps": args.steps - (start or 0)}
-    (run_dir / "timing.json").write_text(json.dumps(timed))
+    if start is not None:  # result.json's train_seconds covers only the steps after ``start``
+        (run_dir / "timing.json").write_text(json.dumps({"seconds": result["train_seconds"],
+                                                         "steps": args.steps - start}))
     return result
 
 

@@ -225,8 +225,8 @@ class Evaluation:
 
     def __init__(self, d: Distiller, data: DataSetup, store: TargetStore):
         self.d, self.data, self.store = d, data, store
-        rows = {**data.splits.indices, "labeled": eval_sample(data.splits.indices["labeled"], d.cfg.labeled_eval_size)}
-        self.rows = rows
+        self.rows = rows = {**data.splits.indices,
+                            "labeled": eval_sample(data.splits.indices["labeled"], d.cfg.labeled_eval_size)}
         self.batches = {name: Batcher(data.source, rows[name], data.prep, data.config, batch_size=EVAL_BATCH_SIZE,
                                       train=False, seed=0, dist=d.dist)
                         for name in ("val", "labeled", "test") if len(rows[name])}
